@@ -1,0 +1,197 @@
+"""One client per stage service, behind one interface that the in-process mode implements too.
+
+gRPC clients send the bearer token and the request id as metadata, set a deadline on every call, and retry
+UNAVAILABLE with exponential backoff (a stage restarting, a replica going away). Every failure surfaces as
+a StageError carrying the status code and the endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from orchestrator.errors import StageError
+from protos import (
+    audio_pb2,
+    audio_pb2_grpc,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
+
+T = TypeVar("T")
+REQUEST_ID_KEY = "x-request-id"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    request_id: str
+    timeout_s: float | None = None  # per call; None = no deadline
+    on_retry: Callable[[str], None] | None = None
+
+
+class TextEncoderClient(Protocol):
+    def encode(
+        self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
+    ) -> text_encoder_pb2.EncodeTextResponse: ...
+
+
+class DenoiserClient(Protocol):
+    def denoise(
+        self, req: denoiser_pb2.DenoiseRequest, opts: CallOptions
+    ) -> Iterator[denoiser_pb2.DenoiseEvent]: ...
+
+
+class VaeClient(Protocol):
+    def encode(self, req: vae_pb2.VaeEncodeRequest, opts: CallOptions) -> vae_pb2.VaeEncodeResponse: ...
+    def decode(self, req: vae_pb2.VaeDecodeRequest, opts: CallOptions) -> vae_pb2.VaeDecodeResponse: ...
+
+
+class AudioClient(Protocol):
+    def encode(
+        self, req: audio_pb2.AudioEncodeRequest, opts: CallOptions
+    ) -> audio_pb2.AudioEncodeResponse: ...
+    def decode(
+        self, req: audio_pb2.AudioDecodeRequest, opts: CallOptions
+    ) -> audio_pb2.AudioDecodeResponse: ...
+
+
+def open_channel(
+    endpoint: str, max_message_bytes: int = 64 << 20, tls_ca: bytes | None = None
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls_ca is not None:
+        return grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(tls_ca), options=options)
+    return grpc.insecure_channel(endpoint, options=options)
+
+
+class GrpcStage:
+    """Channel, metadata and retry shared by the stage clients."""
+
+    def __init__(
+        self,
+        stage: str,
+        endpoint: str,
+        token: str | None,
+        channel: grpc.Channel | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.25,
+    ) -> None:
+        self.stage = stage
+        self.endpoint = endpoint
+        self.token = token
+        self.channel = channel or open_channel(endpoint)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def metadata(self, opts: CallOptions) -> list[tuple[str, str]]:
+        md = [(REQUEST_ID_KEY, opts.request_id)]
+        if self.token:
+            md.append(("authorization", f"Bearer {self.token}"))
+        return md
+
+    def error(self, e: grpc.RpcError) -> StageError:
+        return StageError(e.code(), e.details() or e.code().name, self.stage, self.endpoint)
+
+    def call(self, fn: Callable[..., T], req: Any, opts: CallOptions) -> T:
+        """A unary call with a deadline, retried on UNAVAILABLE with exponential backoff."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise self.error(e) from None
+                if opts.on_retry:
+                    opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def stream(self, fn: Callable[..., Iterator[T]], req: Any, opts: CallOptions) -> Iterator[T]:
+        """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs)."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                yield from fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
+                return
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise self.error(e) from None
+                if opts.on_retry:
+                    opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+                time.sleep(delay)
+                delay *= 2
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class GrpcTextEncoder(GrpcStage):
+    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
+        super().__init__("text_encoder", endpoint, token, **kw)
+        self._stub = text_encoder_pb2_grpc.TextEncoderStub(self.channel)
+
+    def encode(
+        self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
+    ) -> text_encoder_pb2.EncodeTextResponse:
+        return self.call(self._stub.Encode, req, opts)
+
+
+class GrpcDenoiser(GrpcStage):
+    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
+        super().__init__("denoiser", endpoint, token, **kw)
+        self._stub = denoiser_pb2_grpc.DenoiserStub(self.channel)
+
+    def denoise(
+        self, req: denoiser_pb2.DenoiseRequest, opts: CallOptions
+    ) -> Iterator[denoiser_pb2.DenoiseEvent]:
+        return self.stream(self._stub.Denoise, req, opts)
+
+
+class GrpcVae(GrpcStage):
+    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
+        super().__init__("vae", endpoint, token, **kw)
+        self._stub = vae_pb2_grpc.VaeStub(self.channel)
+
+    def encode(self, req: vae_pb2.VaeEncodeRequest, opts: CallOptions) -> vae_pb2.VaeEncodeResponse:
+        return self.call(self._stub.Encode, req, opts)
+
+    def decode(self, req: vae_pb2.VaeDecodeRequest, opts: CallOptions) -> vae_pb2.VaeDecodeResponse:
+        return self.call(self._stub.Decode, req, opts)
+
+
+class GrpcAudio(GrpcStage):
+    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
+        super().__init__("audio", endpoint, token, **kw)
+        self._stub = audio_pb2_grpc.AudioStub(self.channel)
+
+    def encode(self, req: audio_pb2.AudioEncodeRequest, opts: CallOptions) -> audio_pb2.AudioEncodeResponse:
+        return self.call(self._stub.Encode, req, opts)
+
+    def decode(self, req: audio_pb2.AudioDecodeRequest, opts: CallOptions) -> audio_pb2.AudioDecodeResponse:
+        return self.call(self._stub.Decode, req, opts)
+
+
+GRPC_CLIENTS: dict[str, Callable[..., GrpcStage]] = {
+    "text_encoder": GrpcTextEncoder,
+    "denoiser": GrpcDenoiser,
+    "vae": GrpcVae,
+    "audio": GrpcAudio,
+}
+
+
+def grpc_clients(endpoints: dict[str, str], token: str | None, retries: int = 3) -> dict[str, Any]:
+    """A client for every stage that has an endpoint."""
+    return {stage: GRPC_CLIENTS[stage](ep, token, retries=retries) for stage, ep in endpoints.items()}

@@ -1,0 +1,93 @@
+"""The Orchestrator service: Generate as a stream of events, ListModels. (Job RPCs: the training issue.)"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from orchestrator import families
+from orchestrator.errors import StageError, invalid
+from orchestrator.runner import RunContext, Runner
+from protos import orchestrator_pb2, orchestrator_pb2_grpc
+
+SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_DONE = object()
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, runner: Runner, model_roots: tuple[Path, ...] = ()) -> None:
+        self.runner = runner
+        self.model_roots = model_roots
+
+    def _model_dir(self, spec: str) -> Path | None:
+        """The local directory of a model spec when this process can see it (to read its model_index.json)."""
+        if "://" in spec:
+            return None
+        path = Path(spec)
+        candidates = (
+            [path] if path.is_absolute() or not self.model_roots else [r / path for r in self.model_roots]
+        )
+        return next((c for c in candidates if c.is_dir()), None)
+
+    def generate(self, request: orchestrator_pb2.GenerateRequest, emit) -> orchestrator_pb2.GenerateResult:
+        """Plan and run one request (the in-process API; Generate streams around it)."""
+        if not request.model:
+            raise invalid("model is required")
+        rid = request.request_id or uuid.uuid4().hex
+        if not _REQUEST_ID.match(rid):
+            raise invalid(f"request_id {rid!r}: 1-128 chars of [A-Za-z0-9._-]")
+        started = time.perf_counter()
+        family = families.detect(self._model_dir(request.model), request.family)
+        plan = family.plan(request, self._model_dir(request.model))
+        ctx = RunContext(request_id=rid, params=plan.params, emit=emit)
+        values = self.runner.run(plan.graph, plan.values, ctx)
+        result = family.finish(values, plan)
+        result.request_id = rid
+        result.timings.extend(ctx.timings)
+        result.total_seconds = time.perf_counter() - started
+        return result
+
+    def Generate(self, request, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.GenerateEvent]:
+        events: queue.Queue = queue.Queue()
+        outcome: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self.generate(request, events.put)
+            except BaseException as e:
+                outcome["error"] = e
+            finally:
+                events.put(_DONE)
+
+        threading.Thread(target=work, name="generate", daemon=True).start()
+        while (event := events.get()) is not _DONE:
+            yield event
+        error = outcome.get("error")
+        if isinstance(error, StageError):
+            context.abort(error.code, str(error))
+        if error is not None:
+            raise error  # type: ignore[misc]
+        yield orchestrator_pb2.GenerateEvent(result=outcome["result"])
+
+    def ListModels(self, request, context: grpc.ServicerContext) -> orchestrator_pb2.ListModelsResponse:
+        resp = orchestrator_pb2.ListModelsResponse(families=sorted(families.FAMILIES))
+        for root in self.model_roots:
+            for index in sorted(root.glob("*/model_index.json")):
+                class_name = json.loads(index.read_text()).get("_class_name", "")
+                fam = next((f for f in families.FAMILIES.values() if class_name in f.pipeline_classes), None)
+                resp.models.add(
+                    spec=str(index.parent),
+                    family=fam.name if fam else "",
+                    variant=class_name,
+                    tasks=list(fam.tasks) if fam else [],
+                )
+        return resp

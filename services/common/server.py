@@ -1,0 +1,233 @@
+"""The runtime every service shares: `create_server(...) -> (server, port)`.
+
+Health (grpc.health.v1) and reflection on every server, both answering without a token; a bearer-token
+check on every diffmesh RPC; domain errors turned into status codes by one interceptor (the table lives in
+`errors`); message size limits; graceful stop on SIGTERM (health goes NOT_SERVING, new calls are refused,
+in-flight calls drain for up to `grace` seconds).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import InvalidArgument, status_code
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One service on a server: its full name, the generated `add_*_to_server`, and the servicer."""
+
+    name: str  # e.g. "diffmesh.v1.Denoiser"
+    add: Callable[[Any, grpc.Server], None]
+    servicer: Any
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mutual TLS, clients must present a cert signed by it
+
+
+def request_id(context: grpc.ServicerContext) -> str:
+    """The caller's `x-request-id` (validated), or a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            if not value or len(value) > 128 or not all(c.isalnum() or c in "._-" for c in value):
+                raise InvalidArgument(f"{REQUEST_ID_KEY} {value!r}: 1-128 chars of [A-Za-z0-9._-]")
+            return value
+    return uuid.uuid4().hex
+
+
+def _abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler:
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, details)
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            abort, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary or handler.stream_stream:
+        raise NotImplementedError("diffmesh has no client-streaming RPCs")
+    return grpc.unary_unary_rpc_method_handler(
+        abort, handler.request_deserializer, handler.response_serializer
+    )
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Every RPC but health and reflection needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
+            return handler
+        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return handler
+        reason = "missing bearer token" if not got else "invalid bearer token"
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+
+
+def _map_errors(behavior: Callable[..., Any], streaming: bool, method: str) -> Callable[..., Any]:
+    def fail(exc: Exception, context: grpc.ServicerContext) -> None:
+        if context.code() is not None:  # the handler aborted itself
+            raise exc
+        code = status_code(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method)
+            context.abort(code, f"internal error in {method}: {type(exc).__name__}")
+        context.abort(code, str(exc))
+
+    if streaming:
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except Exception as exc:
+                fail(exc, context)
+
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:
+            fail(exc, context)
+
+    return unary
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Domain errors -> their status code; anything else -> INTERNAL, logged. The server stays up."""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_OPEN_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _map_errors(handler.unary_unary, False, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _map_errors(handler.unary_stream, True, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+
+class Server:
+    """A started gRPC server with its health servicer; stop() is graceful."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, names: Sequence[str]):
+        self.grpc = server
+        self.health = health_servicer
+        self.names = tuple(names)
+        self._stopped = threading.Event()
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Refuse new calls, let in-flight ones finish for up to `grace` seconds, then stop."""
+        self.set_serving(False)
+        self.grpc.stop(grace).wait()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def serve_until_signal(self, grace: float = 30.0) -> None:
+        """Block until SIGTERM / SIGINT, then stop gracefully (the container entrypoint's main loop)."""
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %s: draining for up to %.0fs", signal.Signals(signum).name, grace)
+            threading.Thread(target=self.stop, args=(grace,), daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not self._stopped.wait(0.5):
+            pass
+
+
+def create_server(
+    bindings: Sequence[Binding],
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    max_message_bytes: int = 64 << 20,
+    max_workers: int = 16,
+    max_concurrent_rpcs: int | None = None,
+    tls: TlsFiles | None = None,
+) -> tuple[Server, int]:
+    """Build, bind and start a server for `bindings`; port 0 picks a free port (returned)."""
+    interceptors: list[grpc.ServerInterceptor] = []
+    if token:
+        interceptors.append(AuthInterceptor(token))
+    interceptors.append(ErrorInterceptor())
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.name for b in bindings]
+    for b in bindings:
+        b.add(b.servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        bound = server.add_secure_port(address, creds)
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    wrapped = Server(server, health_servicer, names)
+    wrapped.set_serving(True)
+    return wrapped, bound

@@ -1,0 +1,108 @@
+"""The decoded, validated inputs of one Denoise request: what a family's sampling loop receives."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from protos import common_pb2, denoiser_pb2
+from services.common import validate
+from services.common.errors import InvalidArgument
+from services.common.runtime import StageRuntime
+
+MAX_SIDE = 8192
+MAX_STEPS = 1000
+MAX_BATCH = 16
+MAX_FRAMES = 1025
+MAX_LORAS = 8
+
+
+@dataclass
+class DenoiseInputs:
+    seed: int
+    steps: int
+    width: int
+    height: int
+    num_frames: int
+    batch_size: int
+    guidance: float | None
+    cfg_scale: float | None
+    cfg_scale_2: float | None
+    positive: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor]
+    init_latents: torch.Tensor | None
+    strength: float | None
+    mask: torch.Tensor | None
+    reference_latents: list[torch.Tensor]
+    image_embeds: dict[str, torch.Tensor]
+    audio_embeds: dict[str, torch.Tensor]
+    loras: list[tuple[str, float]]
+    lora_mode: int
+    solver: str
+    shift: float | None
+    sigmas: list[float]
+    preview_every: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def decode_request(req: denoiser_pb2.DenoiseRequest, rt: StageRuntime) -> DenoiseInputs:
+    """Check ranges (family-specific factors are checked by the family) and fetch every tensor."""
+    validate.required("model", req.model)
+    validate.in_range("steps", req.steps, 1, MAX_STEPS)
+    validate.in_range("width", req.width, 16, MAX_SIDE)
+    validate.in_range("height", req.height, 16, MAX_SIDE)
+    validate.in_range("num_frames", req.num_frames, 0, MAX_FRAMES)
+    validate.in_range("batch_size", req.batch_size, 0, MAX_BATCH)
+    validate.count("loras", len(req.loras), 0, MAX_LORAS)
+    if not req.positive:
+        raise InvalidArgument("positive: the prompt's embeddings are required")
+    opt = {f: getattr(req, f) if req.HasField(f) else None for f in ("guidance", "cfg_scale", "cfg_scale_2")}
+    for f, v in opt.items():
+        if v is not None:
+            validate.in_range(f, v, 0.0, 100.0)
+    strength = req.strength if req.HasField("strength") else None
+    if strength is not None:
+        validate.in_range("strength", strength, 0.0, 1.0)
+        if not req.HasField("init_latents"):
+            raise InvalidArgument("strength is set but init_latents is not")
+    sigmas = list(req.sampler.sigmas)
+    if any(b >= a for a, b in itertools.pairwise(sigmas)):
+        raise InvalidArgument(f"sampler.sigmas must be strictly decreasing, got {sigmas}")
+
+    def tensors(m, field: str) -> dict[str, torch.Tensor]:
+        return {k: rt.input(v, f"{field}[{k}]") for k, v in m.items()}
+
+    loras = []
+    for i, lora in enumerate(req.loras):
+        validate.required(f"loras[{i}].spec", lora.spec)
+        validate.in_range(f"loras[{i}].scale", lora.scale, -10.0, 10.0)
+        loras.append((lora.spec, lora.scale or 1.0))
+    return DenoiseInputs(
+        seed=req.seed,
+        steps=req.steps,
+        width=req.width,
+        height=req.height,
+        num_frames=req.num_frames,
+        batch_size=req.batch_size or 1,
+        guidance=opt["guidance"],
+        cfg_scale=opt["cfg_scale"],
+        cfg_scale_2=opt["cfg_scale_2"],
+        positive=tensors(req.positive, "positive"),
+        negative=tensors(req.negative, "negative"),
+        init_latents=rt.input(req.init_latents, "init_latents") if req.HasField("init_latents") else None,
+        strength=strength,
+        mask=rt.input(req.mask, "mask") if req.HasField("mask") else None,
+        reference_latents=[
+            rt.input(t, f"reference_latents[{i}]") for i, t in enumerate(req.reference_latents)
+        ],
+        image_embeds=tensors(req.image_embeds, "image_embeds"),
+        audio_embeds=tensors(req.audio_embeds, "audio_embeds"),
+        loras=loras,
+        lora_mode=req.lora_mode or common_pb2.LORA_MODE_HOT,
+        solver=req.sampler.solver,
+        shift=req.sampler.shift if req.sampler.HasField("shift") else None,
+        sigmas=sigmas,
+        preview_every=req.preview_every,
+    )

@@ -1,0 +1,105 @@
+"""VAE service: pixels <-> normalised latents, tiled for large images."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import torch
+from PIL import Image
+
+from protos import vae_pb2, vae_pb2_grpc
+from services.common import validate
+from services.common.errors import InvalidArgument
+from services.common.runtime import StageRuntime
+from services.common.server import Binding, request_id
+from services.common.settings import Settings
+from services.common.store import TensorStore
+from services.vae.registry import VAES
+
+MODEL_FOLDERS = ("vae",)
+MAX_INPUTS = 16
+MAX_SIDE = 8192
+SERVICE = vae_pb2.DESCRIPTOR.services_by_name["Vae"].full_name
+
+
+def image_to_tensor(data: bytes, width: int, height: int, field: str) -> torch.Tensor:
+    """Encoded image -> (3, H, W) float32 in [-1, 1], resized (bicubic) when a size is given."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise InvalidArgument(f"{field}: not a readable image ({type(e).__name__}: {e})") from None
+    img = img.convert("RGB")
+    if width and height and img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+
+def tensor_to_png(pixels: torch.Tensor) -> bytes:
+    """(3, H, W) in [-1, 1] -> PNG, the diffusers convention: (x/2+0.5).clamp(0,1)*255, rounded."""
+    rgb = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    img = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class VaeServicer(vae_pb2_grpc.VaeServicer):
+    def __init__(self, runtime: StageRuntime) -> None:
+        self.rt = runtime
+
+    def Encode(self, request: vae_pb2.VaeEncodeRequest, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        rid = request_id(context)
+        validate.required("model", request.model)
+        validate.count("inputs", len(request.inputs), 1, MAX_INPUTS)
+        for f in ("width", "height"):
+            if getattr(request, f):
+                validate.in_range(f, getattr(request, f), 16, MAX_SIDE)
+        images = []
+        for i, media in enumerate(request.inputs):
+            kind = media.WhichOneof("source")
+            if kind == "data":
+                images.append(image_to_tensor(media.data, request.width, request.height, f"inputs[{i}]"))
+            elif kind == "tensor":
+                images.append(self.rt.input(media.tensor, f"inputs[{i}].tensor"))
+            else:
+                raise InvalidArgument(
+                    f"inputs[{i}]: give encoded bytes or a tensor (got {kind or 'nothing'})"
+                )
+        shapes = {tuple(t.shape) for t in images}
+        if len(shapes) != 1:
+            raise InvalidArgument(f"inputs have different shapes {sorted(shapes)}; give width and height")
+        pixels = torch.stack(images)  # (B, 3, H, W) or (B, 3, F, H, W)
+        vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
+        generator = torch.Generator("cpu").manual_seed(request.seed) if request.sample else None
+        latents = vae.encode(pixels, sample=request.sample, generator=generator, tiling=request.tiling)
+        return vae_pb2.VaeEncodeResponse(
+            latents=self.rt.output(rid, request.name or "latents", latents), timing=self.rt.timing(started)
+        )
+
+    def Decode(self, request: vae_pb2.VaeDecodeRequest, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        rid = request_id(context)
+        validate.required("model", request.model)
+        latents = self.rt.input(request.latents, "latents")
+        if latents.ndim not in (4, 5):
+            raise InvalidArgument(
+                f"latents: expected (B, C, H, W) or (B, C, F, H, W), got {list(latents.shape)}"
+            )
+        vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
+        pixels = vae.decode(latents, tiling=request.tiling)
+        resp = vae_pb2.VaeDecodeResponse(pixels=self.rt.output(rid, "pixels", pixels))
+        fmt = request.output_format
+        if pixels.ndim == 4 and fmt in (vae_pb2.OUTPUT_FORMAT_UNSPECIFIED, vae_pb2.OUTPUT_FORMAT_PNG):
+            resp.images.extend(tensor_to_png(p) for p in pixels)
+        resp.timing.CopyFrom(self.rt.timing(started))
+        return resp
+
+
+def binding(settings: Settings, store: TensorStore) -> Binding:
+    servicer = VaeServicer(StageRuntime("vae", settings, store))
+    return Binding(SERVICE, vae_pb2_grpc.add_VaeServicer_to_server, servicer)
