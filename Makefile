@@ -8,6 +8,7 @@ STAMP := $(VENV)/.diffmesh-installed
 PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 PYTEST_ARGS ?=
+SHELL := /bin/bash
 
 .PHONY: install protos test lint demo bench up down clean help
 
@@ -16,10 +17,14 @@ help:
 
 install: $(STAMP)
 
+# pip's "Location ... is ignored" warnings about this machine's extra indexes are filtered out.
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,local]"
+	@set -o pipefail; $(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_QUIET)
+	@set -o pipefail; $(BIN)/python -m pip install -q -e ".[dev,local]" $(PIP_QUIET)
 	@touch $(STAMP)
 
 protos: install $(PROTO_OUT)
@@ -36,7 +41,7 @@ lint: install protos
 	$(BIN)/lint-imports
 
 demo: install protos
-	$(BIN)/python -m orchestrator.demo
+	$(BIN)/python -m orchestrator.stack.demo
 
 bench: install protos
 	$(BIN)/python -m bench

@@ -39,7 +39,10 @@ class StageRuntime:
     def load(self, spec: str, subfolders: Iterable[str], registry: Mapping[str, Loader]) -> Any:
         """The model component a request names, loaded once and cached (least recently used evicted)."""
         path = resolve_spec(
-            spec, roots=self.settings.model_roots, cache_dir=self.settings.cache_dir, offline=self.settings.offline
+            spec,
+            roots=self.settings.model_roots,
+            cache_dir=self.settings.cache_dir,
+            offline=self.settings.offline,
         )
         subfolders = list(subfolders)
         component = find_component(path, subfolders)
@@ -60,4 +63,6 @@ class StageRuntime:
         return self.store.load(msg, field)
 
     def timing(self, started: float, endpoint: str = "") -> common_pb2.StageTiming:
-        return common_pb2.StageTiming(stage=self.stage, seconds=time.perf_counter() - started, endpoint=endpoint)
+        return common_pb2.StageTiming(
+            stage=self.stage, seconds=time.perf_counter() - started, endpoint=endpoint
+        )

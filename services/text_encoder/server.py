@@ -31,7 +31,9 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         validate.required("model", request.model)
         validate.count("prompts", len(request.prompts), 1, MAX_PROMPTS)
         if request.prompts_2 and len(request.prompts_2) != len(request.prompts):
-            raise InvalidArgument(f"prompts_2: {len(request.prompts_2)} items for {len(request.prompts)} prompts")
+            raise InvalidArgument(
+                f"prompts_2: {len(request.prompts_2)} items for {len(request.prompts)} prompts"
+            )
         for i, p in enumerate([*request.prompts, *request.prompts_2]):
             validate.text(f"prompts[{i}]", p, MAX_PROMPT_CHARS)
         if request.HasField("max_sequence_length"):
@@ -41,7 +43,9 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         outputs = encoder.encode(
             list(request.prompts),
             prompts_2=list(request.prompts_2) or None,
-            max_sequence_length=request.max_sequence_length if request.HasField("max_sequence_length") else None,
+            max_sequence_length=request.max_sequence_length
+            if request.HasField("max_sequence_length")
+            else None,
         )
         resp = text_encoder_pb2.EncodeTextResponse(timing=self.rt.timing(started))
         for key, tensor in outputs.items():

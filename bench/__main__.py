@@ -1,0 +1,40 @@
+"""`make bench`: run every benchmark, print a table, write bench/results.json with the machine and versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from bench import store_throughput
+
+
+def machine() -> dict:
+    versions = {}
+    for pkg in ("torch", "grpcio", "minio", "protobuf", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def main() -> int:
+    results = {"machine": machine(), "store_throughput": store_throughput.run()}
+    out = Path(__file__).with_name("results.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
