@@ -5,6 +5,7 @@ Secrets come from the environment or from mounted files (`<NAME>_FILE`), and nev
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,19 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0) -> int:
         raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
     if value < lo:
         raise InvalidArgument(f"{name}={value} must be >= {lo}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < lo:
+        raise InvalidArgument(f"{name}={raw} must be a finite number >= {lo}")
     return value
 
 
@@ -92,7 +106,7 @@ class Settings:
             secure=_bool(env, "DIFFMESH_S3_SECURE", False),
             region=env.get("DIFFMESH_S3_REGION") or None,
             runs_ttl_days=_int(env, "DIFFMESH_RUNS_TTL_DAYS", 1, lo=1),
-            timeout_s=float(env.get("DIFFMESH_S3_TIMEOUT_S", S3Settings.timeout_s)),
+            timeout_s=_float(env, "DIFFMESH_S3_TIMEOUT_S", S3Settings.timeout_s, lo=0.001),
             retries=_int(env, "DIFFMESH_S3_RETRIES", S3Settings.retries),
         )
         roots = tuple(

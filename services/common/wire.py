@@ -41,7 +41,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return NAMES[dtype]
     except KeyError:
-        raise InvalidArgument(f"dtype {dtype} cannot go on the wire; supported: {sorted(NAMES)}") from None
+        raise InvalidArgument(f"dtype {dtype} cannot go on the wire; supported: {sorted(DTYPES)}") from None
 
 
 def torch_dtype(name: str) -> torch.dtype:

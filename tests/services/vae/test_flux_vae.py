@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
 from services.vae.convert.flux import (
@@ -17,10 +19,6 @@ from services.vae.convert.flux import (
     load_autoencoder,
 )
 from services.vae.models.flux import FLUX_AE, PRESETS, AutoEncoder, AutoEncoderParams, preset
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 SCALE, SHIFT = 0.3611, 0.1159
 TOL = 1e-4

@@ -9,12 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from services.vae.convert.flux import infer_vae_params, load_autoencoder
 from services.vae.tiling import tile_starts, tiled_decode, tiled_encode
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
 
 SCALE, SHIFT = 0.3611, 0.1159
 # Bounds for a tiny RANDOM model (no smoothness, GroupNorm/attention statistics differ per tile), measured

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 
 from services.denoiser.convert.flux import (
     CheckpointLayoutError,
@@ -14,9 +15,6 @@ from services.denoiser.convert.flux import (
     strip_prefix,
 )
 from services.denoiser.models.flux import Flux, FluxParams
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import FluxTransformer2DModel  # noqa: E402
 
 AXES = (4, 4, 8)
 

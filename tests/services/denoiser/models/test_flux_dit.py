@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders import single_file_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from services.denoiser.convert.flux import diffusers_to_bfl, load_flux_state_dict
 from services.denoiser.models.flux import FLUX_DEV, FLUX_SCHNELL, PRESETS, Flux, FluxParams, preset
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import FluxTransformer2DModel  # noqa: E402
-from diffusers.loaders import single_file_utils  # noqa: E402
 
 TOL = 1e-4
 HIDDEN = 32
