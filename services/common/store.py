@@ -23,8 +23,9 @@ import torch
 import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED, Filter
-from minio.error import S3Error, ServerError
-from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+from minio.error import MinioException, S3Error
+from minio.helpers import check_bucket_name
+from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
 from protos import tensor_pb2
 from services.common import wire
@@ -39,23 +40,26 @@ from services.common.settings import S3Settings, Settings
 
 T = TypeVar("T")
 RUNS_PREFIX = "runs/"
-_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,1000}$")
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,1000}")
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "ServiceNotReady"}
 
 
 def run_key(request_id: str, stage: str, name: str) -> str:
     """`runs/<request_id>/<stage>/<name>`; each part a plain name (no '/', no '..')."""
     for label, part in (("request_id", request_id), ("stage", stage), ("name", name)):
-        if not _KEY_PART.match(part) or ".." in part:
+        if not _KEY_PART.fullmatch(part) or ".." in part:
             raise InvalidArgument(f"{label} {part!r} is not a valid key part ([A-Za-z0-9._-], 1-128 chars)")
     return f"{RUNS_PREFIX}{request_id}/{stage}/{name}"
 
 
 def check_key(key: str) -> str:
-    if not _KEY.match(key) or any(p in ("", ".", "..") for p in key.split("/")):
-        raise InvalidArgument(f"store key {key!r} is not valid (plain path parts of [A-Za-z0-9._-])")
+    if not _KEY.fullmatch(key) or not all(_KEY_PART.fullmatch(p) and ".." not in p for p in key.split("/")):
+        raise InvalidArgument(
+            f"store key {key!r} is not valid (parts of [A-Za-z0-9._-], each starting with a letter or digit)"
+        )
     return key
 
 
@@ -152,12 +156,18 @@ class LocalTensorStore(TensorStore):
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except (FileExistsError, NotADirectoryError) as e:
+            raise FailedPrecondition(f"key {key!r} lies under an existing object ({e.filename})") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+        except IsADirectoryError:
+            Path(tmp).unlink(missing_ok=True)
+            raise FailedPrecondition(f"key {key!r} is a prefix of other objects in this store") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -168,7 +178,7 @@ class LocalTensorStore(TensorStore):
         try:
             with path.open("rb") as f:
                 data = bytearray(f.read(size + 1))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {path.as_uri()}") from None
         if len(data) != size:
             raise DataLoss(
@@ -196,6 +206,10 @@ class S3TensorStore(TensorStore):
 
     def __init__(self, s3: S3Settings, inline_limit: int = 1 << 20, ensure_bucket: bool = True) -> None:
         super().__init__(inline_limit)
+        try:
+            check_bucket_name(s3.bucket, strict=True)
+        except ValueError as e:
+            raise InvalidArgument(f"bucket name {s3.bucket!r}: {e}") from None
         self.s3 = s3
         self.bucket = s3.bucket
         http = urllib3.PoolManager(
@@ -222,14 +236,22 @@ class S3TensorStore(TensorStore):
             except S3Error as e:
                 if e.code in _NOT_FOUND_CODES:
                     raise NotFound(f"{what}: no such object in s3://{self.bucket} ({e.code})") from None
+                if e.code in _TRANSIENT_CODES and attempt < self.s3.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
                 if e.code in _AUTH_CODES:
                     raise FailedPrecondition(
                         f"{what}: the store at {self.s3.endpoint} refused our credentials ({e.code})"
                     ) from None
-                raise Unavailable(
-                    f"{what}: store at {self.s3.endpoint} answered {e.code}: {e.message}"
+                if e.code in _TRANSIENT_CODES:
+                    raise Unavailable(
+                        f"{what}: store at {self.s3.endpoint} answered {e.code}: {e.message}"
+                    ) from None
+                raise FailedPrecondition(
+                    f"{what}: store at {self.s3.endpoint} refused: {e.code}: {e.message}"
                 ) from None
-            except (urllib3.exceptions.HTTPError, ServerError, OSError) as e:
+            except (urllib3.exceptions.HTTPError, MinioException, OSError) as e:
                 if attempt == self.s3.retries:
                     raise Unavailable(
                         f"{what}: object store at {self.s3.endpoint} unreachable after {attempt + 1} attempts: "
@@ -254,6 +276,7 @@ class S3TensorStore(TensorStore):
                 rule_filter=Filter(prefix=RUNS_PREFIX),
                 rule_id="expire-runs",
                 expiration=Expiration(days=self.s3.runs_ttl_days),
+                abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(days_after_initiation=1),
             )
             self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([rule]))
 

@@ -37,7 +37,7 @@ TABLE: list[tuple[type[DiffmeshError], grpc.StatusCode]] = [
 
 
 def test_table_is_complete_and_one_to_one() -> None:
-    assert errors.STATUS_CODES == dict(TABLE)
+    assert dict(TABLE) == errors.STATUS_CODES
     codes = list(errors.STATUS_CODES.values())
     assert len(set(codes)) == len(codes)  # invertible
     defined = {
@@ -76,7 +76,14 @@ def test_subclass_of_a_domain_error_keeps_its_code() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [ValueError("v"), KeyError("k"), RuntimeError("r"), ZeroDivisionError(), OSError("disk"), DiffmeshError("base")],
+    [
+        ValueError("v"),
+        KeyError("k"),
+        RuntimeError("r"),
+        ZeroDivisionError(),
+        OSError("disk"),
+        DiffmeshError("base"),
+    ],
     ids=lambda e: type(e).__name__,
 )
 def test_anything_else_is_internal(exc: BaseException) -> None:

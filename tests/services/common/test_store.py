@@ -6,9 +6,11 @@ Every test that takes `store` / `make_store` runs on both backends; S3 tests get
 from __future__ import annotations
 
 import hashlib
+import http.server
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,14 @@ from minio.lifecycleconfig import LifecycleConfig
 from orchestrator.stack.s3server import S3Server, free_port, start_s3_server
 from protos import tensor_pb2
 from services.common import wire
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (
+    DataLoss,
+    DiffmeshError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from services.common.settings import S3Settings, Settings
 from services.common.store import (
     RUNS_PREFIX,
@@ -200,7 +209,9 @@ def test_put_tensor_inline_vs_ref_by_inline_limit(make_store: MakeStore) -> None
     assert not store.exists("runs/r/s/forced_inline")
 
     # bf16 counts bytes, not elements: 32 x 2 bytes = 64 -> inline, 33 -> ref
-    assert store.put_tensor("runs/r/s/h", torch.zeros(32, dtype=torch.bfloat16)).WhichOneof("value") == "inline"
+    assert (
+        store.put_tensor("runs/r/s/h", torch.zeros(32, dtype=torch.bfloat16)).WhichOneof("value") == "inline"
+    )
     assert store.put_tensor("runs/r/s/h", torch.zeros(33, dtype=torch.bfloat16)).WhichOneof("value") == "ref"
 
 
@@ -369,7 +380,9 @@ def test_bad_keys_are_invalid_argument(store: TensorStore, key: str) -> None:
     with pytest.raises(InvalidArgument):
         store.key_of(prefix + key)
     with pytest.raises(InvalidArgument):
-        store.get(tensor_pb2.TensorRef(uri=prefix + key, dtype="F32", shape=[1], byte_size=4, sha256="0" * 64))
+        store.get(
+            tensor_pb2.TensorRef(uri=prefix + key, dtype="F32", shape=[1], byte_size=4, sha256="0" * 64)
+        )
 
 
 def test_traversal_writes_nothing_outside_the_local_root(tmp_path: Path) -> None:
@@ -408,12 +421,6 @@ def test_run_key_rejects_bad_parts_naming_them(label: str, parts: tuple[str, str
     assert label in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG store._KEY_PART/_KEY: patterns end in '$', which also matches before a trailing newline, so"
-    " run_key(..., 'x\\n') and check_key('runs/r/s/x\\n') pass; fix: _KEY_PART.fullmatch / _KEY.fullmatch"
-    " (or end the patterns in \\Z)",
-)
 @pytest.mark.parametrize("call", ["run_key", "check_key"])
 def test_trailing_newline_is_not_a_valid_key(call: str) -> None:
     with pytest.raises(InvalidArgument):
@@ -456,6 +463,31 @@ def test_list_exists_delete_and_delete_prefix(store: TensorStore) -> None:
     assert torch.equal(store.get(store.put("runs/r2/x/y", torch.ones(2))), torch.ones(2))
     assert store.delete_prefix("runs/") == 2
     assert store.list("") == ["models/cache/x"]
+
+
+def test_hidden_key_parts_are_rejected_or_listed(store: TensorStore, request: pytest.FixtureRequest) -> None:
+    """A key the store accepts is a key list() and delete_prefix() see (S3 does; the local store hides '.x')."""
+    try:
+        store.put_bytes("runs/r/.x", b"1234")
+    except InvalidArgument:
+        return
+    assert store.list("runs/r/") == ["runs/r/.x"]
+    assert store.delete_prefix("runs/r/") == 1
+    assert not store.exists("runs/r/.x")
+
+
+def test_key_that_is_also_a_prefix(store: TensorStore, request: pytest.FixtureRequest) -> None:
+    """'runs/a' and 'runs/a/b' may both exist on S3; the local store must at least answer with a domain error."""
+    store.put_bytes("runs/a/b", b"y")
+    with pytest.raises(NotFound):
+        store.get_bytes("runs/a", 1)  # a prefix is not an object
+    try:
+        store.put_bytes("runs/a", b"x")
+    except DiffmeshError:
+        pass
+    else:
+        assert store.get_bytes("runs/a", 1) == b"x"
+    assert store.get_bytes("runs/a/b", 1) == b"y"
 
 
 def test_overwrite_replaces_the_object_whole(store: TensorStore) -> None:
@@ -517,7 +549,9 @@ def test_wrong_credentials_are_failed_precondition_not_a_hang(s3_server: S3Serve
 @pytest.mark.timeout(60)
 def test_store_down_is_unavailable_naming_the_endpoint() -> None:
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
-    settings = S3Settings(endpoint=endpoint, bucket="t-down", access_key="a", secret_key="b", timeout_s=1.0, retries=2)
+    settings = S3Settings(
+        endpoint=endpoint, bucket="t-down", access_key="a", secret_key="b", timeout_s=1.0, retries=2
+    )
     t0 = time.monotonic()
     with pytest.raises(Unavailable) as e:
         S3TensorStore(settings)  # creating the bucket
@@ -526,7 +560,9 @@ def test_store_down_is_unavailable_naming_the_endpoint() -> None:
     assert took < 5, took
 
     store = S3TensorStore(settings, ensure_bucket=False)
-    ref = tensor_pb2.TensorRef(uri=store.uri("runs/r/s/x"), dtype="F32", shape=[1], byte_size=4, sha256="0" * 64)
+    ref = tensor_pb2.TensorRef(
+        uri=store.uri("runs/r/s/x"), dtype="F32", shape=[1], byte_size=4, sha256="0" * 64
+    )
     calls: dict[str, Callable[[], object]] = {
         "get": lambda: store.get(ref),
         "put": lambda: store.put("runs/r/s/x", torch.ones(1)),
@@ -543,6 +579,53 @@ def test_store_down_is_unavailable_naming_the_endpoint() -> None:
         assert endpoint in str(e.value), what
         assert took < 5, (what, took)
     print(f"store down (closed port): Unavailable after {took:.2f}s")
+
+
+class _BadGateway(http.server.BaseHTTPRequestHandler):
+    """What an ingress / load balancer in front of MinIO answers while MinIO restarts: 503, text/html."""
+
+    def _answer(self) -> None:
+        body = b"<html><body>503 Service Temporarily Unavailable</body></html>"
+        self.send_response(503)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def bad_gateway() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_proxy_error_page_is_unavailable(bad_gateway: str) -> None:
+    settings = S3Settings(
+        endpoint=bad_gateway, bucket="t-proxy", access_key="a", secret_key="b", timeout_s=1.0, retries=1
+    )
+    store = S3TensorStore(settings, ensure_bucket=False)
+    with pytest.raises(Unavailable) as e:
+        store.get_bytes("runs/r/s/x", 4)
+    assert bad_gateway in str(e.value)
+
+
+@pytest.mark.parametrize("bucket", ["ab", "Under_Score"])
+def test_invalid_bucket_name_is_invalid_argument(s3_server: S3Server, bucket: str) -> None:
+    with pytest.raises(InvalidArgument, match=bucket):
+        S3TensorStore(s3_settings(s3_server, bucket=bucket))
 
 
 @pytest.mark.timeout(180)
@@ -617,4 +700,3 @@ def test_open_store_local(local_store_dir: Path) -> None:
     ref = store.put("runs/r/s/x", torch.ones(3))
     assert ref.uri == (local_store_dir / "runs/r/s/x").resolve().as_uri()
     assert torch.equal(store.get(ref), torch.ones(3))
-
