@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
+from tiny_flux_vae import SCALE, SHIFT, TINY_CONFIG
 
 from services.vae.convert.flux import (
     CheckpointLayoutError,
@@ -20,21 +21,7 @@ from services.vae.convert.flux import (
 )
 from services.vae.models.flux import FLUX_AE, PRESETS, AutoEncoder, AutoEncoderParams, preset
 
-SCALE, SHIFT = 0.3611, 0.1159
 TOL = 1e-4
-TINY_CONFIG = dict(
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 8, 16, 16],
-    layers_per_block=1,
-    latent_channels=16,
-    norm_num_groups=4,
-    scaling_factor=SCALE,
-    shift_factor=SHIFT,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    sample_size=64,
-)
 TINY_PARAMS = AutoEncoderParams(
     resolution=64,
     in_channels=3,

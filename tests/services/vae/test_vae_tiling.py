@@ -10,28 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from tiny_flux_vae import SCALE, SHIFT, TINY_CONFIG
 
 from services.vae.convert.flux import infer_vae_params, load_autoencoder
 from services.vae.tiling import tile_starts, tiled_decode, tiled_encode
 
-SCALE, SHIFT = 0.3611, 0.1159
 # Bounds for a tiny RANDOM model (no smoothness, GroupNorm/attention statistics differ per tile), measured
 # with the seeds below: decode 35.5 dB (diffusers 31.2), encode 26.7 dB (diffusers 21.9).
 DECODE_MIN_PSNR, ENCODE_MIN_PSNR = 30.0, 24.0
 MARGIN_DB = 1.0  # ours may trail diffusers' tiling by at most this much
-TINY_CONFIG = dict(
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 8, 16, 16],
-    layers_per_block=1,
-    latent_channels=16,
-    norm_num_groups=4,
-    scaling_factor=SCALE,
-    shift_factor=SHIFT,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    sample_size=64,  # diffusers tiles: 64 px / 8 latents, overlap factor 0.25 -> 16 px / 2 latents
-)
 
 
 def psnr(got: torch.Tensor, ref: torch.Tensor) -> float:
