@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.stack.s3server import S3Server, _alive, start_s3_server
+from orchestrator.stack.s3server import S3Server, pid_alive, start_s3_server
 
 STACK_STAGES = ("text_encoder", "denoiser", "vae", "audio", "orchestrator")
 STATE_FILE = "stack.json"
@@ -59,7 +59,7 @@ def read_state(state_dir: Path) -> StackState | None:
 
 
 def running(state: StackState) -> dict[str, int]:
-    return {name: pid for name, pid in state.pids().items() if _alive(pid)}
+    return {name: pid for name, pid in state.pids().items() if pid_alive(pid)}
 
 
 def wait_serving(endpoint: str, timeout: float) -> None:
@@ -119,9 +119,9 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-    if _alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
@@ -197,10 +197,10 @@ def down(state_dir: Path) -> list[str]:
         return []
     stopped = []
     for name, pid in state.pids().items():
-        if name != "s3" and _alive(pid):
+        if name != "s3" and pid_alive(pid):
             stop_pid(pid)
             stopped.append(name)
-    if _alive(state.data["s3"]["pid"]):
+    if pid_alive(state.data["s3"]["pid"]):
         stop_pid(state.data["s3"]["pid"])
         stopped.append("s3")
     state.path.unlink(missing_ok=True)

@@ -74,7 +74,7 @@ class S3Server:
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 return
-            if self._proc is None and not _alive(self.pid):
+            if self._proc is None and not pid_alive(self.pid):
                 return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
@@ -83,7 +83,7 @@ class S3Server:
             self._proc.wait(5)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

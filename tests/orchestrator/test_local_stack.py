@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.stack.s3server import _alive
+from orchestrator.stack.s3server import pid_alive
 
 REPO = Path(__file__).parents[2]
 
@@ -35,7 +35,7 @@ def test_up_down_leaves_nothing_and_refuses_duplicates(tmp_path: Path):
         state = json.loads((state_dir / "stack.json").read_text())
         assert set(state["services"]) == {"text_encoder", "denoiser", "vae", "audio", "orchestrator"}
         pids = [s["pid"] for s in state["services"].values()] + [state["s3"]["pid"]]
-        assert all(_alive(p) for p in pids)
+        assert all(pid_alive(p) for p in pids)
         for service in state["services"].values():
             assert service["endpoint"].startswith("127.0.0.1:")
             with grpc.insecure_channel(service["endpoint"]) as ch:
@@ -53,6 +53,6 @@ def test_up_down_leaves_nothing_and_refuses_duplicates(tmp_path: Path):
     finally:
         down = diffmesh(state_dir, "down")
     assert down.returncode == 0, down.stderr
-    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+    assert not any(pid_alive(p) for p in pids), [p for p in pids if pid_alive(p)]
     assert not (state_dir / "stack.json").exists()
     assert diffmesh(state_dir, "down").stdout.strip() == "nothing running"
