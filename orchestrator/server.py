@@ -46,8 +46,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if not _REQUEST_ID.match(rid):
             raise invalid(f"request_id {rid!r}: 1-128 chars of [A-Za-z0-9._-]")
         started = time.perf_counter()
-        family = families.detect(self._model_dir(request.model), request.family)
-        plan = family.plan(request, self._model_dir(request.model))
+        model_dir = self._model_dir(request.model)
+        family = families.detect(model_dir, request.family)
+        plan = family.plan(request, model_dir)
         ctx = RunContext(request_id=rid, params=plan.params, emit=emit)
         values = self.runner.run(plan.graph, plan.values, ctx)
         result = family.finish(values, plan)
