@@ -1,4 +1,5 @@
-"""`diffmesh`: the command line. up / down / status run the local stack; serve runs one service."""
+"""`diffmesh`: the command line. up / down / status run the local stack; serve runs one service; generate
+(in cli_generate) runs one request."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from orchestrator import cli_generate
 
 SERVE_STAGES = ("text-encoder", "denoiser", "vae", "audio", "orchestrator")
 
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=os.environ.get("DIFFMESH_TLS_KEY"))
     serve.add_argument("--tls-client-ca", default=os.environ.get("DIFFMESH_TLS_CLIENT_CA"))
     serve.set_defaults(fn=cmd_serve)
+
+    cli_generate.add_parser(sub)
     return p
 
 

@@ -120,11 +120,13 @@ class GrpcStage:
         raise AssertionError("unreachable")
 
     def stream(self, fn: Callable[..., Iterator[T]], req: Any, opts: CallOptions) -> Iterator[T]:
-        """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs)."""
+        """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs).
+        Closing the returned iterator cancels the call."""
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
+            call = fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
             try:
-                yield from fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
+                yield from call
                 return
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
@@ -133,6 +135,8 @@ class GrpcStage:
                     opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
                 time.sleep(delay)
                 delay *= 2
+            finally:
+                call.cancel()  # no-op once finished; stops the server's work when the consumer stops early
 
     def close(self) -> None:
         self.channel.close()

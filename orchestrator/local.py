@@ -16,11 +16,11 @@ import grpc
 
 from orchestrator.clients import CallOptions
 from orchestrator.errors import StageError
-from orchestrator.runner import Runner
+from orchestrator.runner import Emit, Runner
 from orchestrator.server import SERVICE as ORCHESTRATOR_SERVICE
 from orchestrator.server import OrchestratorServicer
 from orchestrator.settings import OrchestratorSettings
-from protos import orchestrator_pb2_grpc
+from protos import orchestrator_pb2, orchestrator_pb2_grpc
 from services.audio import server as audio_server
 from services.common.errors import status_code
 from services.common.server import REQUEST_ID_KEY, Binding, Server, TlsFiles, create_server
@@ -128,6 +128,41 @@ def in_process_clients(settings: Settings, store: TensorStore | None = None) -> 
 def in_process_orchestrator(settings: Settings, model_roots: tuple[Path, ...] = ()) -> OrchestratorServicer:
     """The whole engine in this process: the same graphs, no network, a local (or configured) store."""
     return OrchestratorServicer(Runner(in_process_clients(settings)), model_roots or settings.model_roots)
+
+
+def as_stage_error(exc: Exception) -> StageError:
+    """Any exception of the in-process path as the StageError (code, message) the gRPC server would send."""
+    if isinstance(exc, StageError):
+        return exc
+    code = status_code(exc)
+    if code is grpc.StatusCode.INTERNAL:  # our own process: say what broke (the server only logs it)
+        return StageError(code, f"internal error in Generate: {type(exc).__name__}: {exc}")
+    return StageError(code, str(exc))
+
+
+def in_process_generate(
+    settings: Settings | None = None, model_roots: tuple[Path, ...] = ()
+) -> Callable[[orchestrator_pb2.GenerateRequest, Emit, threading.Event], orchestrator_pb2.GenerateResult]:
+    """`generate(request, emit, cancelled)` in this process (behind `orchestrator.client.Client.in_process`);
+    settings default to the environment. Every failure, building the engine included, is a StageError."""
+    try:
+        orch = in_process_orchestrator(settings or Settings.from_env(), model_roots)
+    except StageError:
+        raise
+    except Exception as e:
+        raise as_stage_error(e) from e
+
+    def generate(
+        request: orchestrator_pb2.GenerateRequest, emit: Emit, cancelled: threading.Event
+    ) -> orchestrator_pb2.GenerateResult:
+        try:
+            return orch.generate(request, emit, cancelled=cancelled)
+        except StageError:
+            raise
+        except Exception as e:
+            raise as_stage_error(e) from e
+
+    return generate
 
 
 def serve_binding(stage: str) -> tuple[Binding, Settings]:

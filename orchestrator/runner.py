@@ -6,6 +6,7 @@ sees a tensor. It emits StageEvents around every stage and forwards the stages' 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ class RunContext:
     emit: Emit
     deadline: float | None = None  # time.monotonic() value
     timings: list[common_pb2.StageTiming] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
+
+    def check_cancelled(self, where: str) -> None:
+        if self.cancelled.is_set():
+            raise StageError(grpc.StatusCode.CANCELLED, f"request {self.request_id} cancelled", where)
 
     def call_options(self, stage_timeout_s: float | None = None) -> CallOptions:
         remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
@@ -53,6 +59,7 @@ class Runner:
         order = graph.check_request([k for k, v in values.items() if v is not None])
         state = {k: v for k, v in values.items() if v is not None}
         for stage in order:
+            ctx.check_cancelled(stage.name)
             client = self.clients.get(stage.service)
             if client is None:
                 raise StageError(

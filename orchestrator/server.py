@@ -38,8 +38,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         )
         return next((c for c in candidates if c.is_dir()), None)
 
-    def generate(self, request: orchestrator_pb2.GenerateRequest, emit) -> orchestrator_pb2.GenerateResult:
-        """Plan and run one request (the in-process API; Generate streams around it)."""
+    def generate(
+        self,
+        request: orchestrator_pb2.GenerateRequest,
+        emit,
+        cancelled: threading.Event | None = None,
+    ) -> orchestrator_pb2.GenerateResult:
+        """Plan and run one request (the in-process API; Generate streams around it). Setting `cancelled`
+        stops it at the next stage or denoising step with CANCELLED."""
         if not request.model:
             raise invalid("model is required")
         rid = request.request_id or uuid.uuid4().hex
@@ -49,7 +55,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         model_dir = self._model_dir(request.model)
         family = families.detect(model_dir, request.family)
         plan = family.plan(request, model_dir)
-        ctx = RunContext(request_id=rid, params=plan.params, emit=emit)
+        ctx = RunContext(
+            request_id=rid, params=plan.params, emit=emit, cancelled=cancelled or threading.Event()
+        )
         values = self.runner.run(plan.graph, plan.values, ctx)
         result = family.finish(values, plan)
         result.request_id = rid
@@ -60,18 +68,32 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def Generate(self, request, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.GenerateEvent]:
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
+        cancelled = threading.Event()
 
         def work() -> None:
             try:
-                outcome["result"] = self.generate(request, events.put)
+                outcome["result"] = self.generate(request, events.put, cancelled)
             except BaseException as e:
                 outcome["error"] = e
             finally:
                 events.put(_DONE)
 
-        threading.Thread(target=work, name="generate", daemon=True).start()
-        while (event := events.get()) is not _DONE:
-            yield event
+        worker = threading.Thread(target=work, name="generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    if not context.is_active():  # the client cancelled or its deadline passed
+                        cancelled.set()
+                    continue
+                if event is _DONE:
+                    break
+                yield event
+        finally:
+            if worker.is_alive():  # the stream was closed early: stop the work, free its resources
+                cancelled.set()
         error = outcome.get("error")
         if isinstance(error, StageError):
             context.abort(error.code, str(error))

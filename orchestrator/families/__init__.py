@@ -60,3 +60,7 @@ def detect(model_dir: Path | None, family: str = "") -> Family:
         )
     class_name = json.loads(index.read_text()).get("_class_name", "")
     return family_of_pipeline(class_name)
+
+
+# Each family module registers itself in FAMILIES when imported.
+from orchestrator.families import flux  # noqa: E402, F401

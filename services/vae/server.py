@@ -25,7 +25,7 @@ SERVICE = vae_pb2.DESCRIPTOR.services_by_name["Vae"].full_name
 
 
 def image_to_tensor(data: bytes, width: int, height: int, field: str) -> torch.Tensor:
-    """Encoded image -> (3, H, W) float32 in [-1, 1], resized (bicubic) when a size is given."""
+    """Encoded image -> (3, H, W) float32 in [-1, 1], resized (Lanczos, as diffusers' VaeImageProcessor) when a size is given."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -33,7 +33,7 @@ def image_to_tensor(data: bytes, width: int, height: int, field: str) -> torch.T
         raise InvalidArgument(f"{field}: not a readable image ({type(e).__name__}: {e})") from None
     img = img.convert("RGB")
     if width and height and img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BICUBIC)
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
     return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
 
@@ -92,7 +92,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             )
         vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
         pixels = vae.decode(latents, tiling=request.tiling)
-        resp = vae_pb2.VaeDecodeResponse(pixels=self.rt.output(rid, "pixels", pixels))
+        resp = vae_pb2.VaeDecodeResponse(pixels=self.rt.output(rid, "pixels", pixels, inline=False))
         fmt = request.output_format
         if pixels.ndim == 4 and fmt in (vae_pb2.OUTPUT_FORMAT_UNSPECIFIED, vae_pb2.OUTPUT_FORMAT_PNG):
             resp.images.extend(tensor_to_png(p) for p in pixels)
