@@ -67,8 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from orchestrator.local import start_stage_server
-    from services.common.server import TlsFiles
+    from orchestrator.local import TlsFiles, start_stage_server
 
     tls = None
     if args.tls_cert or args.tls_key:

@@ -53,7 +53,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             raise invalid(f"request_id {rid!r}: 1-128 chars of [A-Za-z0-9._-]")
         started = time.perf_counter()
         model_dir = self._model_dir(request.model)
-        family = families.detect(model_dir, request.family)
+        family = families.detect(model_dir, request.family, request.model)
         plan = family.plan(request, model_dir)
         ctx = RunContext(
             request_id=rid, params=plan.params, emit=emit, cancelled=cancelled or threading.Event()

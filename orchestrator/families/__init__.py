@@ -46,7 +46,7 @@ def family_of_pipeline(class_name: str) -> Family:
     raise not_found(f"no family runs pipeline class {class_name!r}; known: {known or 'none yet'}")
 
 
-def detect(model_dir: Path | None, family: str = "") -> Family:
+def detect(model_dir: Path | None, family: str = "", spec: str = "") -> Family:
     """The family a request names, else the one whose pipeline class the model's model_index.json names."""
     if family:
         if family not in FAMILIES:
@@ -55,7 +55,7 @@ def detect(model_dir: Path | None, family: str = "") -> Family:
     index = model_dir / "model_index.json" if model_dir is not None else None
     if index is None or not index.is_file():
         raise not_found(
-            f"cannot tell the family of model {str(model_dir)!r} (no model_index.json); name it with `family`; "
+            f"cannot tell the family of model {spec or str(model_dir)!r} (no model_index.json); name it with `family`; "
             f"known: {sorted(FAMILIES) or 'none yet'}"
         )
     class_name = json.loads(index.read_text()).get("_class_name", "")
