@@ -9,12 +9,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from bench import store_throughput
+from bench import flux_denoiser, store_throughput
 
 
 def machine() -> dict:
     versions = {}
-    for pkg in ("torch", "grpcio", "minio", "protobuf", "safetensors"):
+    for pkg in ("torch", "diffusers", "transformers", "grpcio", "minio", "protobuf", "safetensors"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -28,7 +28,11 @@ def machine() -> dict:
 
 
 def main() -> int:
-    results = {"machine": machine(), "store_throughput": store_throughput.run()}
+    results = {
+        "machine": machine(),
+        "store_throughput": store_throughput.run(),
+        "flux_denoiser": flux_denoiser.run(),
+    }
     out = Path(__file__).with_name("results.json")
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

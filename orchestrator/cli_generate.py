@@ -117,6 +117,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fps", metavar="F", type=_number(0.0, lo_open=True))
     g.add_argument("--batch-size", metavar="N", type=_integer(1, 64))
     g.add_argument(
+        "--max-sequence-length", metavar="N", type=_integer(1, _UINT32), help="T5 tokens (FLUX: 512)"
+    )
+    g.add_argument(
         "--family", metavar="NAME", default="", help="default: detected from the model's model_index.json"
     )
     g.add_argument(
@@ -329,6 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 num_frames=args.num_frames,
                 fps=args.fps,
                 batch_size=args.batch_size,
+                max_sequence_length=args.max_sequence_length,
                 components=components,
                 request_id=args.request_id,
                 family=args.family,

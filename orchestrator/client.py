@@ -166,6 +166,7 @@ def build_request(
     num_frames: int | None = None,
     fps: float | None = None,
     batch_size: int | None = None,
+    max_sequence_length: int | None = None,
     components: Mapping[str, str] | None = None,
     request_id: str | None = None,
     family: str = "",
@@ -182,7 +183,14 @@ def build_request(
         family=family,
         task=task,
     )
-    for name, value in (("steps", steps), ("width", width), ("height", height), ("num_frames", num_frames)):
+    uints = (
+        ("steps", steps),
+        ("width", width),
+        ("height", height),
+        ("num_frames", num_frames),
+        ("max_sequence_length", max_sequence_length),
+    )
+    for name, value in uints:
         _set_number(req, name, value, _UINT32)
     _set_number(req, "seed", seed, _UINT64)
     for name, value in (("guidance", guidance), ("cfg_scale", cfg_scale), ("fps", fps)):
@@ -370,6 +378,7 @@ class Client:
         num_frames: int | None = None,
         fps: float | None = None,
         batch_size: int | None = None,
+        max_sequence_length: int | None = None,
         components: Mapping[str, str] | None = None,
         request_id: str | None = None,
         family: str = "",
@@ -394,6 +403,7 @@ class Client:
             num_frames=num_frames,
             fps=fps,
             batch_size=batch_size,
+            max_sequence_length=max_sequence_length,
             components=components,
             request_id=request_id,
             family=family,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from protos import common_pb2, denoiser_pb2
 from services.common import validate
 from services.common.errors import InvalidArgument
+from services.common.models import resolve_spec
 from services.common.runtime import StageRuntime
 
 MAX_SIDE = 8192
@@ -47,6 +49,23 @@ class DenoiseInputs:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def lora_path(spec: str, rt: StageRuntime, field: str) -> Path:
+    """A LoRA spec (a file, or a directory / hub repo holding exactly one .safetensors) -> its file."""
+    path = resolve_spec(
+        spec, roots=rt.settings.model_roots, cache_dir=rt.settings.cache_dir, offline=rt.settings.offline
+    )
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InvalidArgument(
+                f"{field}: {spec!r} is a directory with {len(files)} .safetensors files; name one file"
+            )
+        path = files[0]
+    if path.suffix != ".safetensors":
+        raise InvalidArgument(f"{field}: {spec!r} is not a .safetensors file (LoRAs are never unpickled)")
+    return path
+
+
 def decode_request(req: denoiser_pb2.DenoiseRequest, rt: StageRuntime) -> DenoiseInputs:
     """Check ranges (family-specific factors are checked by the family) and fetch every tensor."""
     validate.required("model", req.model)
@@ -78,7 +97,7 @@ def decode_request(req: denoiser_pb2.DenoiseRequest, rt: StageRuntime) -> Denois
     for i, lora in enumerate(req.loras):
         validate.required(f"loras[{i}].spec", lora.spec)
         validate.in_range(f"loras[{i}].scale", lora.scale, -10.0, 10.0)
-        loras.append((lora.spec, lora.scale or 1.0))
+        loras.append((str(lora_path(lora.spec, rt, f"loras[{i}]")), lora.scale or 1.0))
     return DenoiseInputs(
         seed=req.seed,
         steps=req.steps,

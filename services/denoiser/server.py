@@ -83,7 +83,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         result = denoiser_pb2.DenoiseResult(
             latents=self.rt.output(rid, "latents", out["latents"]),
             seed=request.seed,
-            steps_run=inputs.steps,
+            steps_run=int(out.get("steps_run", inputs.steps)),
             timing=self.rt.timing(started),
         )
         if "audio_latents" in out:

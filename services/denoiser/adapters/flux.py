@@ -1,0 +1,217 @@
+"""FLUX.1 in the sampling loop: loading, latent geometry, 2x2 packing, conditioning and the model call.
+
+Matches diffusers' FluxPipeline / FluxImg2ImgPipeline step for step:
+- latents (B, 16, 2*(H//16), 2*(W//16)), packed into (B, (H/16)*(W/16), 64) tokens, channels (c, ph, pw);
+- img_ids (L, 3) = (0, row, col) per token, txt_ids zeros; image_seq_len = (H/16)*(W/16) sets the shift;
+- timestep `(sigma*1000).expand(B).to(dtype) / 1000`, distilled guidance embedded when the model has it.
+Conditioning: positive/negative "prompt_embeds" (P, L, 4096 for T5-XXL) and "pooled_prompt_embeds" (P, 768).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from services.common.errors import InvalidArgument, NotFound
+from services.common.models import Component, load_state_dict, read_json, weight_files
+from services.denoiser import loop
+from services.denoiser.convert.flux import CheckpointLayoutError, load_flux_state_dict
+from services.denoiser.convert.flux_lora import flux_lora_deltas
+from services.denoiser.inputs import DenoiseInputs
+from services.denoiser.loop import OnStep
+from services.denoiser.lora import LoraManager
+from services.denoiser.models.flux import Flux, FluxParams
+from services.denoiser.sampling.schedules import (
+    FLUX_DEV_SCHEDULER,
+    FLUX_SCHNELL_SCHEDULER,
+    SchedulerConfig,
+    calculate_shift,
+    flow_sigmas_from,
+    sigmas_from_config,
+)
+
+MULTIPLE = 16  # VAE factor 8 x patch 2
+DEFAULT_GUIDANCE = 3.5
+
+
+@lru_cache(maxsize=16)
+def image_ids(rows: int, cols: int) -> Tensor:
+    """(rows*cols, 3) float32 position ids of the packed image tokens: (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, (h/2)*(w/2), C*4): 2x2 patches, channels ordered (c, ph, pw)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    """(B, (h/2)*(w/2), C*4) -> (B, C, h, w), the inverse of `pack`."""
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+class FluxAdapter:
+    def __init__(self, model: Flux, scheduler: SchedulerConfig, device: torch.device, source: str) -> None:
+        self.model = model.to(device).eval()
+        self.params: FluxParams = model.params
+        self.scheduler = scheduler
+        self.device = device
+        self.dtype = model.img_in.weight.dtype
+        self.source = source
+        self.lora = LoraManager(self.model, convert=flux_lora_deltas)
+
+    # -- geometry ------------------------------------------------------------------------------------
+    def check(self, inputs: DenoiseInputs) -> None:
+        for name in ("width", "height"):
+            value = getattr(inputs, name)
+            if value % MULTIPLE:
+                raise InvalidArgument(f"{name}={value}: FLUX needs a multiple of {MULTIPLE}")
+        if inputs.num_frames > 1:
+            raise InvalidArgument(f"num_frames={inputs.num_frames}: FLUX.1 makes images (0 or 1)")
+
+    def latent_size(self, inputs: DenoiseInputs) -> tuple[int, int]:
+        return 2 * (inputs.height // MULTIPLE), 2 * (inputs.width // MULTIPLE)
+
+    def noise_shape(self, inputs: DenoiseInputs, batch: int) -> tuple[int, ...]:
+        return (batch, self.params.out_channels // 4, *self.latent_size(inputs))
+
+    def pack(self, latents: Tensor) -> Tensor:
+        return pack(latents)
+
+    def unpack(self, x: Tensor, inputs: DenoiseInputs) -> Tensor:
+        return unpack(x, *self.latent_size(inputs))
+
+    def sigmas(self, inputs: DenoiseInputs) -> Tensor:
+        """(steps + 1,) sigmas: the scheduler config's (dynamic shift by image_seq_len for dev), custom
+        base sigmas from the request, or a fixed `shift` from the request."""
+        h, w = self.latent_size(inputs)
+        seq_len = (h // 2) * (w // 2)
+        config = self.scheduler
+        if inputs.shift is not None:
+            config = replace(config, shift=inputs.shift, use_dynamic_shifting=False)
+        if not inputs.sigmas:
+            return sigmas_from_config(config, inputs.steps, image_seq_len=seq_len)
+        if len(inputs.sigmas) != inputs.steps:
+            raise InvalidArgument(f"sampler.sigmas has {len(inputs.sigmas)} values for steps={inputs.steps}")
+        base = torch.tensor(inputs.sigmas, dtype=torch.float32)
+        if base.max() > 1 or base.min() <= 0:
+            raise InvalidArgument(f"sampler.sigmas must lie in (0, 1], got {inputs.sigmas}")
+        mu = None
+        if config.use_dynamic_shifting:
+            mu = calculate_shift(
+                seq_len,
+                config.base_image_seq_len,
+                config.max_image_seq_len,
+                config.base_shift,
+                config.max_shift,
+            )
+        return flow_sigmas_from(
+            base,
+            config.shift,
+            use_dynamic_shifting=config.use_dynamic_shifting,
+            mu=mu,
+            time_shift_type=config.time_shift_type,
+            shift_terminal=config.shift_terminal,
+        )
+
+    # -- conditioning and the model call -------------------------------------------------------------
+    def conditioning(self, embeds: Mapping[str, Tensor], inputs: DenoiseInputs, batch: int) -> dict[str, Any]:
+        p = self.params
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name not in embeds:
+                raise InvalidArgument(f"FLUX needs the text embedding {name!r}; got {sorted(embeds)}")
+        txt, vec = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
+        if txt.ndim != 3 or txt.shape[2] != p.context_in_dim:
+            raise InvalidArgument(
+                f"prompt_embeds: expected (B, L, {p.context_in_dim}) for {self.source}, got {list(txt.shape)}"
+            )
+        if vec.ndim != 2 or vec.shape[1] != p.vec_in_dim or vec.shape[0] != txt.shape[0]:
+            raise InvalidArgument(
+                f"pooled_prompt_embeds: expected ({txt.shape[0]}, {p.vec_in_dim}), got {list(vec.shape)}"
+            )
+        repeat = batch // txt.shape[0] if batch % txt.shape[0] == 0 else 0
+        if repeat < 1:
+            raise InvalidArgument(f"{txt.shape[0]} prompt embeddings do not divide the batch of {batch}")
+        h, w = self.latent_size(inputs)
+        cond: dict[str, Any] = {
+            "txt": txt.to(self.device, self.dtype).repeat_interleave(repeat, dim=0),
+            "y": vec.to(self.device, self.dtype).repeat_interleave(repeat, dim=0),
+            "img_ids": image_ids(h // 2, w // 2).to(self.device),
+            "txt_ids": torch.zeros(txt.shape[1], 3, device=self.device),
+            "guidance": None,
+        }
+        if p.guidance_embed:
+            g = DEFAULT_GUIDANCE if inputs.guidance is None else inputs.guidance
+            cond["guidance"] = torch.full((batch,), g, dtype=torch.float32, device=self.device)
+        return cond
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        t = (sigma * 1000).expand(x.shape[0]).to(self.device, x.dtype) / 1000  # as FluxPipeline rounds it
+        return self.model(
+            img=x,
+            img_ids=cond["img_ids"],
+            txt=cond["txt"],
+            txt_ids=cond["txt_ids"],
+            timesteps=t,
+            y=cond["y"],
+            guidance=cond["guidance"],
+        )
+
+    def denoise(self, inputs: DenoiseInputs, on_step: OnStep, is_cancelled: Callable[[], bool]) -> dict:
+        return loop.denoise(self, inputs, on_step, is_cancelled)
+
+
+def _scheduler(model_dir: Path | None, params: FluxParams) -> SchedulerConfig:
+    """The model's `scheduler/scheduler_config.json` when present, else FLUX.1-dev's / -schnell's."""
+    default = FLUX_DEV_SCHEDULER if params.guidance_embed else FLUX_SCHNELL_SCHEDULER
+    if model_dir is None:
+        return default
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return default
+    try:
+        return SchedulerConfig.from_dict(read_json(path))
+    except ValueError as e:
+        raise InvalidArgument(f"{path}: {e}") from None
+
+
+def _build(sd: dict[str, Tensor], axes_dim: tuple[int, ...] | None, source: str) -> Flux:
+    try:
+        params, bfl = load_flux_state_dict(sd, axes_dim=axes_dim, source=source)
+    except CheckpointLayoutError as e:
+        raise InvalidArgument(str(e)) from None
+    with torch.device("meta"):
+        model = Flux(params)
+    model.load_state_dict(bfl, strict=True, assign=True)
+    return model
+
+
+def load_hub(component: Component, device: torch.device) -> FluxAdapter:
+    """A diffusers `transformer/` folder (FluxTransformer2DModel): RoPE axes from its config.json."""
+    axes = component.config.get("axes_dims_rope")
+    if axes is None:
+        raise NotFound(f"{component.path}/config.json has no axes_dims_rope")
+    model = _build(load_state_dict(weight_files(component.path)), tuple(axes), str(component.path))
+    return FluxAdapter(model, _scheduler(component.path.parent, model.params), device, str(component.path))
+
+
+def load_single_file(path: Path, device: torch.device) -> FluxAdapter:
+    """An original `flux1-*.safetensors` (BFL keys, or diffusers keys in one file). FLUX.1's RoPE axes, unless
+    a `<stem>.json` beside it gives `axes_dims_rope` (models of another head size)."""
+    sidecar = path.with_suffix(".json")
+    axes = read_json(sidecar).get("axes_dims_rope") if sidecar.is_file() else None
+    model = _build(load_state_dict(path), tuple(axes) if axes else None, str(path))
+    return FluxAdapter(model, _scheduler(None, model.params), device, str(path))
