@@ -127,7 +127,9 @@ def in_process_clients(settings: Settings, store: TensorStore | None = None) -> 
 
 def in_process_orchestrator(settings: Settings, model_roots: tuple[Path, ...] = ()) -> OrchestratorServicer:
     """The whole engine in this process: the same graphs, no network, a local (or configured) store."""
-    return OrchestratorServicer(Runner(in_process_clients(settings)), model_roots or settings.model_roots)
+    return OrchestratorServicer(
+        Runner(in_process_clients(settings)), model_roots or settings.model_roots, settings.cache_dir
+    )
 
 
 def as_stage_error(exc: Exception) -> StageError:
@@ -173,7 +175,7 @@ def serve_binding(stage: str) -> tuple[Binding, Settings]:
 
         orch = OrchestratorSettings.from_env()
         runner = Runner(grpc_clients(orch.endpoints, orch.token, orch.retries), orch.stage_timeout_s)
-        servicer = OrchestratorServicer(runner, orch.model_roots)
+        servicer = OrchestratorServicer(runner, orch.model_roots, settings.cache_dir)
         return Binding(
             ORCHESTRATOR_SERVICE, orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer
         ), settings

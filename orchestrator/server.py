@@ -24,14 +24,26 @@ _DONE = object()
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, runner: Runner, model_roots: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self, runner: Runner, model_roots: tuple[Path, ...] = (), cache_dir: Path | None = None
+    ) -> None:
         self.runner = runner
         self.model_roots = model_roots
+        self.cache_dir = (
+            cache_dir  # where hf:// and modelscope:// models are fetched (shared with the stages)
+        )
 
     def _model_dir(self, spec: str) -> Path | None:
-        """The local directory of a model spec when this process can see it (to read its model_index.json)."""
+        """The local directory of a model spec when this process can see it (to read its model_index.json):
+        a path under the model roots, or a hub model already in the cache
+        (`<cache>/<scheme>/<org>--<name>/<revision or main>`, the layout of services.common.models.cache_path)."""
         if "://" in spec:
-            return None
+            scheme, _, ident = spec.partition("://")
+            name, _, rev = ident.partition("@")
+            if self.cache_dir is None or scheme not in ("hf", "modelscope") or ".." in ident:
+                return None
+            path = self.cache_dir / scheme / name.replace("/", "--") / (rev or "main")
+            return path if path.is_dir() else None
         path = Path(spec)
         candidates = (
             [path] if path.is_absolute() or not self.model_roots else [r / path for r in self.model_roots]

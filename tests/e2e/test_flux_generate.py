@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from PIL import Image
 from tiny_flux import psnr, to_uint8
 
 from orchestrator.errors import StageError
+from orchestrator.local import in_process_orchestrator
 from orchestrator.pngtext import PARAMETERS_KEY, read_text
 from protos import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from services.common.settings import Settings
 
 PROMPT = "a red circle on a white background"
 NEGATIVE = "blurry, low quality"
 MIN_PSNR = 40.0
 
 
-def request(model: Path, **kw) -> orchestrator_pb2.GenerateRequest:
+def request(model: Path | str, **kw) -> orchestrator_pb2.GenerateRequest:
     base = dict(model=str(model), prompt=PROMPT, seed=42, steps=3, width=64, height=48, guidance=3.5)
     base.update(kw)
     return orchestrator_pb2.GenerateRequest(**base)
@@ -156,3 +159,23 @@ def test_through_services_equals_in_process(flux_dir, engine, stack):
     assert np.array_equal(png_array(result.images[0]), png_array(local.images[0]))
     assert result.outputs[0].uri.startswith("s3://")
     assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3]
+
+
+def test_hub_spec_from_a_prefilled_cache(flux_dir, tmp_path):
+    path, _ = flux_dir
+    cache = tmp_path / "cache"
+    shutil.copytree(path, cache / "hf" / "test--tiny-flux" / "main")
+    env = {
+        "DIFFMESH_STORE": "local",
+        "DIFFMESH_LOCAL_STORE": str(tmp_path / "store"),
+        "DIFFMESH_CACHE_DIR": str(cache),
+        "DIFFMESH_OFFLINE": "1",
+    }
+    hub_engine = in_process_orchestrator(Settings.from_env(env))
+    result, _ = run(hub_engine, request("hf://test/tiny-flux"))
+    local, _ = run(hub_engine, request(path))
+    assert np.array_equal(png_array(result.images[0]), png_array(local.images[0]))
+    with pytest.raises(StageError) as err:
+        run(hub_engine, request("modelscope://test/absent@v1", family="flux"))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert str(cache / "modelscope" / "test--absent" / "v1") in str(err.value)
