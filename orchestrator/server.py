@@ -29,9 +29,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> None:
         self.runner = runner
         self.model_roots = model_roots
-        self.cache_dir = (
-            cache_dir  # where hf:// and modelscope:// models are fetched (shared with the stages)
-        )
+        # Where hf:// and modelscope:// models are fetched to (shared with the stages).
+        self.cache_dir = cache_dir
 
     def _model_dir(self, spec: str) -> Path | None:
         """The local directory of a model spec when this process can see it (to read its model_index.json):
