@@ -2,7 +2,7 @@
 side in one process, and one whole request through `diffmesh up`'s services vs the same graph in-process.
 
 - `step`: one forward (a denoising step without CFG) per config and dtype; the median of `repeats` timed calls
-  after a warm-up; `ratio` = ours / diffusers (below 1 = we are faster).
+  after a warm-up, ours and diffusers' alternating; `ratio` = ours / diffusers (below 1 = we are faster).
 - `stack`: wall time of one Generate request on a tiny FLUX.1 model directory through the services (S3 store,
   gRPC) vs in-process (local store); `ratio` = services / in-process. Median of `repeats` requests.
 
@@ -39,6 +39,18 @@ def _median_s(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and b(), timed alternately so machine noise hits both alike."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def _pair(cfg: dict, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, Flux]:
@@ -89,8 +101,9 @@ def _time_pair(name: str, cfg: dict, dtype: torch.dtype, repeats: int) -> dict:
         ).sample
 
     with torch.inference_mode():
-        ref_s = _median_s(reference, repeats)
-        ours_s = _median_s(lambda: ours(img, img_ids, txt, txt_ids, t, vec, guidance), repeats)
+        ref_s, ours_s = _interleaved(
+            reference, lambda: ours(img, img_ids, txt, txt_ids, t, vec, guidance), repeats
+        )
     return {
         "config": name,
         "dtype": str(dtype).removeprefix("torch."),
