@@ -4,7 +4,7 @@
     img2img:  encode_prompt [, encode_negative], encode_image -> denoise (init_latents, strength) -> decode
 
 CLIP-L gives the pooled vector ("pooled_prompt_embeds"), T5 the sequence ("prompt_embeds"). True CFG (a
-second pass on the negative prompt) runs when `cfg_scale > 1` and a negative prompt is given; the distilled
+second pass on the negative prompt, the empty prompt when none is given) runs when `cfg_scale > 1`; the distilled
 `guidance` is embedded by dev models.
 """
 
@@ -73,7 +73,7 @@ class FluxRequest:
 
     @property
     def guided(self) -> bool:
-        return self.cfg_scale > 1.0 and bool(self.negative_prompt)
+        return self.cfg_scale > 1.0  # an empty negative prompt is the unconditional pass
 
 
 # -- stages ------------------------------------------------------------------------------------------

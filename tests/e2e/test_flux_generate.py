@@ -67,10 +67,11 @@ def test_t2i_matches_diffusers_in_process(flux_dir, engine):
     assert result.seed == 42 and len(result.outputs) == 1  # the decoded pixels' ref
 
 
-def test_true_cfg_and_batch_match_diffusers(flux_dir, engine):
+@pytest.mark.parametrize("negative", [NEGATIVE, ""])
+def test_true_cfg_and_batch_match_diffusers(flux_dir, engine, negative):
     path, pipe = flux_dir
-    result, _ = run(engine, request(path, negative_prompt=NEGATIVE, cfg_scale=4.0, batch_size=2))
-    ref = reference(pipe, negative_prompt=NEGATIVE, true_cfg_scale=4.0, num_images_per_prompt=2)
+    result, _ = run(engine, request(path, negative_prompt=negative, cfg_scale=4.0, batch_size=2))
+    ref = reference(pipe, negative_prompt=negative, true_cfg_scale=4.0, num_images_per_prompt=2)
     assert len(result.images) == 2
     for png, expected in zip(result.images, ref, strict=True):
         assert psnr(png_array(png), expected) >= MIN_PSNR
