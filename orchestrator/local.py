@@ -16,6 +16,7 @@ import grpc
 
 from orchestrator.clients import CallOptions
 from orchestrator.errors import StageError
+from orchestrator.jobs.service import jobs_from_env
 from orchestrator.runner import Emit, Runner
 from orchestrator.server import SERVICE as ORCHESTRATOR_SERVICE
 from orchestrator.server import OrchestratorServicer
@@ -175,7 +176,7 @@ def serve_binding(stage: str) -> tuple[Binding, Settings]:
 
         orch = OrchestratorSettings.from_env()
         runner = Runner(grpc_clients(orch.endpoints, orch.token, orch.retries), orch.stage_timeout_s)
-        servicer = OrchestratorServicer(runner, orch.model_roots, settings.cache_dir)
+        servicer = OrchestratorServicer(runner, orch.model_roots, settings.cache_dir, jobs_from_env())
         return Binding(
             ORCHESTRATOR_SERVICE, orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer
         ), settings

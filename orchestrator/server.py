@@ -1,4 +1,5 @@
-"""The Orchestrator service: Generate as a stream of events, ListModels. (Job RPCs: the training issue.)"""
+"""The Orchestrator service: Generate as a stream of events, ListModels, and the training-job RPCs (SubmitJob,
+GetJob, ListJobs, CancelJob, JobLogs) over an `orchestrator.jobs.service.Jobs`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +20,9 @@ from orchestrator.errors import StageError, invalid
 from orchestrator.runner import RunContext, Runner
 from protos import orchestrator_pb2, orchestrator_pb2_grpc
 
+if TYPE_CHECKING:
+    from orchestrator.jobs.service import Jobs
+
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _DONE = object()
@@ -25,12 +30,17 @@ _DONE = object()
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
-        self, runner: Runner, model_roots: tuple[Path, ...] = (), cache_dir: Path | None = None
+        self,
+        runner: Runner,
+        model_roots: tuple[Path, ...] = (),
+        cache_dir: Path | None = None,
+        jobs: Jobs | None = None,
     ) -> None:
         self.runner = runner
         self.model_roots = model_roots
         # Where hf:// and modelscope:// models are fetched to (shared with the stages).
         self.cache_dir = cache_dir
+        self.jobs = jobs  # training jobs; None: this orchestrator launches none (UNIMPLEMENTED)
 
     def _model_dir(self, spec: str) -> Path | None:
         """The local directory of a model spec when this process can see it (to read its model_index.json):
@@ -125,3 +135,44 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     tasks=list(fam.tasks) if fam else [],
                 )
         return resp
+
+    # -----------------------------------------------------------------------------------------------------
+    # Training jobs
+
+    def _jobs(self, context: grpc.ServicerContext) -> Jobs:
+        if self.jobs is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this orchestrator launches no training jobs")
+        return self.jobs  # type: ignore[return-value]
+
+    def _job_call(self, context: grpc.ServicerContext, fn, *args):
+        try:
+            return fn(*args)
+        except StageError as e:
+            context.abort(e.code, e.message)
+
+    def SubmitJob(self, request, context: grpc.ServicerContext) -> orchestrator_pb2.Job:
+        if not request.HasField("spec"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is required")
+        return self._job_call(context, self._jobs(context).submit, request.spec, request.launch)
+
+    def GetJob(self, request, context: grpc.ServicerContext) -> orchestrator_pb2.Job:
+        return self._job_call(context, self._jobs(context).get, request.id)
+
+    def ListJobs(self, request, context: grpc.ServicerContext) -> orchestrator_pb2.ListJobsResponse:
+        jobs = self._job_call(context, self._jobs(context).list, request.state)
+        return orchestrator_pb2.ListJobsResponse(jobs=jobs)
+
+    def CancelJob(self, request, context: grpc.ServicerContext) -> orchestrator_pb2.Job:
+        return self._job_call(context, self._jobs(context).cancel, request.id)
+
+    def JobLogs(self, request, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.LogLine]:
+        stop = threading.Event()
+        context.add_callback(stop.set)  # the RPC ended (client gone, deadline): stop following
+        lines = self._job_call(
+            context, self._jobs(context).logs, request.id, request.follow, request.tail_lines, stop
+        )
+        try:
+            for text in lines:
+                yield orchestrator_pb2.LogLine(text=text)
+        except StageError as e:
+            context.abort(e.code, e.message)

@@ -39,3 +39,76 @@ class OrchestratorSettings:
             retries=int(env.get("DIFFMESH_RETRIES", 3)),
             model_roots=roots,
         )
+
+
+# Non-secret object-store settings a training pod inherits from the orchestrator's own environment.
+STORE_ENV = (
+    "DIFFMESH_STORE",
+    "DIFFMESH_S3_ENDPOINT",
+    "DIFFMESH_S3_BUCKET",
+    "DIFFMESH_S3_SECURE",
+    "DIFFMESH_S3_REGION",
+)
+LAUNCHERS = ("local", "kubernetes")
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"{name}={value} must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Training-job launching (`diffmesh train`, the job RPCs). Every field has a DIFFMESH_* variable."""
+
+    state_dir: Path = Path(".diffmesh")  # local job index: <state_dir>/jobs/<id>/
+    launcher: str = "local"  # DIFFMESH_LAUNCHER: the default launcher
+    train_command: tuple[str, ...] = ()  # DIFFMESH_TRAIN_COMMAND (local); () = this python -m trainer
+    cancel_grace_s: float = 10.0  # SIGTERM -> SIGKILL (local)
+    image: str = "diffmesh:0.1.0"  # DIFFMESH_TRAIN_IMAGE (kubernetes)
+    namespace: str = ""  # DIFFMESH_NAMESPACE; "" = in-cluster namespace / kubeconfig context / default
+    kubeconfig: str = ""  # KUBECONFIG (first file)
+    s3_secret: str = "diffmesh-s3"  # DIFFMESH_S3_SECRET: keys DIFFMESH_S3_ACCESS_KEY, DIFFMESH_S3_SECRET_KEY
+    cpu: str = "4"  # DIFFMESH_TRAIN_CPU: request and limit
+    memory: str = "32Gi"  # DIFFMESH_TRAIN_MEMORY: request and limit
+    backoff_limit: int = 2  # DIFFMESH_TRAIN_BACKOFF_LIMIT
+    ttl_seconds: int = 7 * 24 * 3600  # DIFFMESH_TRAIN_TTL_S: ttlSecondsAfterFinished
+    deadline_seconds: int = 0  # DIFFMESH_TRAIN_DEADLINE_S: activeDeadlineSeconds, 0 = none
+    cache_pvc: str = ""  # DIFFMESH_TRAIN_CACHE_PVC: model cache claim; "" = an emptyDir
+    store_env: tuple[tuple[str, str], ...] = ()  # STORE_ENV values passed on to training pods
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobSettings:
+        """ValueError naming the variable for a bad value."""
+        import shlex
+
+        env = os.environ if env is None else env
+        launcher = env.get("DIFFMESH_LAUNCHER", "") or cls.launcher
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"DIFFMESH_LAUNCHER={launcher!r}; one of {list(LAUNCHERS)}")
+        kubeconfig = env.get("KUBECONFIG", "").split(os.pathsep)[0]
+        return cls(
+            state_dir=Path(env.get("DIFFMESH_STATE_DIR", "") or ".diffmesh"),
+            launcher=launcher,
+            train_command=tuple(shlex.split(env.get("DIFFMESH_TRAIN_COMMAND", ""))),
+            cancel_grace_s=float(_env_int(env, "DIFFMESH_TRAIN_CANCEL_GRACE_S", 10)),
+            image=env.get("DIFFMESH_TRAIN_IMAGE", "") or cls.image,
+            namespace=env.get("DIFFMESH_NAMESPACE", ""),
+            kubeconfig=kubeconfig,
+            s3_secret=env.get("DIFFMESH_S3_SECRET", "") or cls.s3_secret,
+            cpu=env.get("DIFFMESH_TRAIN_CPU", "") or cls.cpu,
+            memory=env.get("DIFFMESH_TRAIN_MEMORY", "") or cls.memory,
+            backoff_limit=_env_int(env, "DIFFMESH_TRAIN_BACKOFF_LIMIT", cls.backoff_limit),
+            ttl_seconds=_env_int(env, "DIFFMESH_TRAIN_TTL_S", cls.ttl_seconds),
+            deadline_seconds=_env_int(env, "DIFFMESH_TRAIN_DEADLINE_S", 0),
+            cache_pvc=env.get("DIFFMESH_TRAIN_CACHE_PVC", ""),
+            store_env=tuple((k, env[k]) for k in STORE_ENV if env.get(k)),
+        )
