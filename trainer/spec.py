@@ -127,3 +127,13 @@ def validate_spec(spec: orchestrator_pb2.TrainSpec, *, check_paths: bool = True)
         raise SpecError("resolution", f"{s.resolution} must be a multiple of 16 in [16, 4096]")
     if s.checkpoint_every > s.steps:
         raise SpecError("checkpointEvery", f"{s.checkpoint_every} is more than steps={s.steps}")
+
+
+UNIMPLEMENTED_COMPONENTS = {"vae": "training the VAE is not implemented yet (issue 6); use 'denoiser'"}
+
+
+def check_implemented(spec: orchestrator_pb2.TrainSpec) -> None:
+    """SpecError for a valid spec this trainer cannot run yet (e.g. component "vae")."""
+    s = with_defaults(spec)
+    if s.component in UNIMPLEMENTED_COMPONENTS:
+        raise SpecError("component", UNIMPLEMENTED_COMPONENTS[s.component])

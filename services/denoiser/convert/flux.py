@@ -277,3 +277,56 @@ def load_flux_state_dict(
     params = infer_flux_params(sd, axes_dim=axes_dim, source=source)
     check_flux_state_dict(sd, params, source=source)
     return params, sd
+
+
+def _diffusers_sources() -> dict[str, list[tuple[str, str, int, int]]]:
+    """BFL module (block-relative for blocks) -> [(scope, diffusers module, part, parts)], from the tables."""
+    out: dict[str, list[tuple[str, str, int, int]]] = {}
+    for scope, table in (("top", _TOP), ("double", _DOUBLE), ("single", _SINGLE)):
+        for diffusers, (bfl, part, parts) in table.items():
+            out.setdefault(f"{scope}:{bfl}", []).append((scope, diffusers, part, parts))
+    return {k: sorted(v, key=lambda t: t[2]) for k, v in out.items()}
+
+
+_FROM_BFL = _diffusers_sources()
+_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+
+
+def bfl_to_diffusers(state_dict: Mapping[str, Tensor], *, source: str = "<state dict>") -> dict[str, Tensor]:
+    """BFL keys -> diffusers `FluxTransformer2DModel` keys, the inverse of `diffusers_to_bfl`: fused `qkv` /
+    `linear1` are split into q, k, v (and the single blocks' `proj_mlp`, the rest of `linear1`), `scale` of the
+    QK norms becomes `weight`, and the final adaLN halves are swapped back to (scale, shift). Unknown keys raise
+    `CheckpointLayoutError`; the input is not modified."""
+    if "img_in.weight" not in state_dict:
+        raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout): missing key img_in.weight")
+    hidden = state_dict["img_in.weight"].shape[0]  # each of q, k, v is `hidden` rows of a fused projection
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        module, _, param = key.rpartition(".")
+        match = _BFL_BLOCK.match(module)
+        if match is None:
+            scope, prefix, inner = "top", "", module
+        else:
+            kind, index, inner = match.groups()
+            scope = "double" if kind == "double_blocks" else "single"
+            prefix = f"{'transformer_blocks' if scope == 'double' else 'single_transformer_blocks'}.{index}."
+        targets = _FROM_BFL.get(f"{scope}:{inner}")
+        is_norm = inner.endswith("_norm")
+        if targets is None or param not in (("scale",) if is_norm else ("weight", "bias")):
+            unknown.append(key)
+            continue
+        if is_norm:
+            param = "weight"
+        if key.startswith(FINAL_ADALN):
+            tensor = _swap_halves(tensor)
+        for _, diffusers, part, parts in targets:
+            if parts == 1:
+                out[f"{prefix}{diffusers}.{param}"] = tensor
+                continue
+            start = part * hidden
+            stop = tensor.shape[0] if part == parts - 1 else start + hidden
+            out[f"{prefix}{diffusers}.{param}"] = tensor[start:stop].contiguous()
+    if unknown:
+        raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout): unknown keys {_names(unknown)}")
+    return out
