@@ -28,7 +28,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"diffmesh up: {e}", file=sys.stderr)
         return 1
     for name, endpoint in state.endpoints.items():
-        print(f"{name:<13} {endpoint:<22} SERVING")
+        metrics = state.data["services"][name].get("metrics")
+        print(
+            f"{name:<13} {endpoint:<22} SERVING" + (f"  metrics http://{metrics}/metrics" if metrics else "")
+        )
     print(f"{'s3':<13} {state.data['s3']['endpoint']:<22} (SeaweedFS)")
     print(f"ready in {state.data['ready_s']:.1f}s; state in {state.path}")
     return 0
@@ -78,15 +81,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None
         )
     stage = args.stage.replace("-", "_")
-    server, port = start_stage_server(stage, args.host, args.port, tls)
+    server, port = start_stage_server(
+        stage, args.host, args.port, tls, metrics_port=args.metrics_port, metrics_host=args.metrics_host
+    )
     logging.getLogger("diffmesh").info("%s serving on %s:%d", stage, args.host, port)
+    if server.metrics is not None:
+        logging.getLogger("diffmesh").info("%s metrics on %s", stage, server.metrics.url)
+        if args.metrics_port_file:  # before --port-file: whoever waits for that one finds both
+            _write_atomic(Path(args.metrics_port_file), str(server.metrics.port))
     if args.port_file:
-        tmp = Path(args.port_file).with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(args.port_file)
-    print(json.dumps({"stage": stage, "port": port}), flush=True)
+        _write_atomic(Path(args.port_file), str(port))
+    print(json.dumps({"stage": stage, "port": port, "metrics_port": server.metrics_port}), flush=True)
     server.serve_until_signal(grace=args.grace)
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _port_or_off(value: str) -> int | None:
+    """A TCP port (0: any free one); empty or 'off': no endpoint."""
+    if value.strip().lower() in ("", "off"):
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (or 'off')") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=30.0, help="seconds to drain in-flight calls on SIGTERM"
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port_or_off,
+        default=os.environ.get("DIFFMESH_METRICS_PORT", "off"),
+        help="serve Prometheus metrics over HTTP at /metrics on this port (0: any free one; default: off, "
+        "or $DIFFMESH_METRICS_PORT)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=os.environ.get("DIFFMESH_METRICS_HOST"),
+        help="address of the metrics endpoint (default: --host)",
+    )
+    serve.add_argument("--metrics-port-file", help="write the metrics endpoint's bound port here")
     serve.add_argument("--tls-cert", default=os.environ.get("DIFFMESH_TLS_CERT"))
     serve.add_argument("--tls-key", default=os.environ.get("DIFFMESH_TLS_KEY"))
     serve.add_argument("--tls-client-ca", default=os.environ.get("DIFFMESH_TLS_CLIENT_CA"))

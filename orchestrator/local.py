@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from orchestrator import metrics as orchestrator_metrics
 from orchestrator.clients import CallOptions
 from orchestrator.errors import StageError
 from orchestrator.jobs.service import jobs_from_env
@@ -183,7 +184,16 @@ def serve_binding(stage: str) -> tuple[Binding, Settings]:
     return STAGE_BINDINGS[stage](settings, open_store(settings)), settings
 
 
-def start_stage_server(stage: str, host: str, port: int, tls: TlsFiles | None = None) -> tuple[Server, int]:
+def start_stage_server(
+    stage: str,
+    host: str,
+    port: int,
+    tls: TlsFiles | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
+) -> tuple[Server, int]:
+    """`diffmesh serve <stage>`: its server started; with `metrics_port` (0: any free port, then
+    `server.metrics_port`), Prometheus metrics on `metrics_host` (default `host`), the orchestrator's included."""
     binding, settings = serve_binding(stage)
     return create_server(
         [binding],
@@ -192,4 +202,7 @@ def start_stage_server(stage: str, host: str, port: int, tls: TlsFiles | None = 
         token=settings.token,
         max_message_bytes=settings.max_message_bytes,
         tls=tls,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        metrics_collectors=[orchestrator_metrics.REGISTRY] if stage == "orchestrator" else [],
     )

@@ -2,6 +2,12 @@
 
 Values flowing between stages are protobuf messages (Tensor / TensorMap refs, PNG bytes); the runner never
 sees a tensor. It emits StageEvents around every stage and forwards the stages' progress.
+
+Timings: each stage adds a StageTiming (its name, the seconds the orchestrator waited for it, the endpoint it
+called) to the result, and, when the stage's service reported its own time (the `timing` of its responses,
+passed on with `RunContext.report`), a second one named `<stage>.service` with that time and the replica
+that ran it: the difference is transport, store hops and queueing. Each stage's duration also goes to the
+`diffmesh_stage_duration_seconds` histogram (orchestrator/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from orchestrator import metrics
 from orchestrator.clients import CallOptions
 from orchestrator.errors import StageError
 from orchestrator.graph import Graph
@@ -30,6 +37,13 @@ class RunContext:
     deadline: float | None = None  # time.monotonic() value
     timings: list[common_pb2.StageTiming] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
+    reported: list[common_pb2.StageTiming] = field(default_factory=list)  # of the stage running now
+
+    def report(self, timing: common_pb2.StageTiming) -> None:
+        """A stage service's own timing of one call (e.g. DenoiseResult.timing); several calls of one stage
+        are summed into its `<stage>.service` timing."""
+        if timing.ByteSize():
+            self.reported.append(timing)
 
     def check_cancelled(self, where: str) -> None:
         if self.cancelled.is_set():
@@ -69,19 +83,40 @@ class Runner:
                 )
             endpoint = getattr(client, "endpoint", "inproc")
             ctx.emit(_stage_event(stage.name, orchestrator_pb2.StageEvent.STARTED, endpoint))
+            ctx.reported.clear()
             started = time.perf_counter()
             inputs = {k: state[k] for k in (*stage.inputs, *stage.optional_inputs) if k in state}
-            outputs = stage.run(client, inputs, ctx)
-            missing = [o for o in stage.outputs if o not in outputs]
-            if missing:
-                raise StageError(
-                    grpc.StatusCode.INTERNAL, f"stage did not produce {missing}", stage.name, endpoint
-                )
+            try:
+                outputs = stage.run(client, inputs, ctx)
+                missing = [o for o in stage.outputs if o not in outputs]
+                if missing:
+                    raise StageError(
+                        grpc.StatusCode.INTERNAL, f"stage did not produce {missing}", stage.name, endpoint
+                    )
+            except BaseException as e:
+                code = getattr(e, "code", None)  # StageError, or a domain error of the services (duck-typed)
+                name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL.name
+                metrics.STAGE_FAILURES.labels(stage.name, endpoint, name).inc()
+                raise
             state.update(outputs)
             seconds = time.perf_counter() - started
+            metrics.STAGE_SECONDS.labels(stage.name, endpoint).observe(seconds)
             ctx.timings.append(common_pb2.StageTiming(stage=stage.name, seconds=seconds, endpoint=endpoint))
+            if ctx.reported:
+                ctx.timings.append(_service_timing(stage.name, ctx.reported, endpoint))
             ctx.emit(_stage_event(stage.name, orchestrator_pb2.StageEvent.FINISHED, endpoint, seconds))
         return {k: state[k] for k in graph.result}
+
+
+def _service_timing(
+    stage: str, reported: list[common_pb2.StageTiming], endpoint: str
+) -> common_pb2.StageTiming:
+    replicas = sorted({t.endpoint for t in reported if t.endpoint})
+    return common_pb2.StageTiming(
+        stage=f"{stage}.service",
+        seconds=sum(t.seconds for t in reported),
+        endpoint=",".join(replicas) or endpoint,
+    )
 
 
 def _stage_event(name: str, kind: int, endpoint: str, seconds: float = 0.0) -> orchestrator_pb2.GenerateEvent:

@@ -22,6 +22,7 @@ def encode_text(
     merged: dict[str, tensor_pb2.Tensor] = {}
     for req in calls:
         resp = client.encode(req, ctx.call_options())
+        ctx.report(resp.timing)
         clash = sorted(set(merged) & set(resp.outputs))
         if clash:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"two encoders produced {clash}", "encode")
@@ -50,12 +51,17 @@ def denoise(client: Any, req: denoiser_pb2.DenoiseRequest, ctx: RunContext) -> d
     ctx.check_cancelled("denoise")
     if result is None:
         raise StageError(grpc.StatusCode.UNAVAILABLE, "the denoiser stream ended without a result", "denoise")
+    ctx.report(result.timing)
     return result
 
 
 def vae_encode(client: Any, req: vae_pb2.VaeEncodeRequest, ctx: RunContext) -> tensor_pb2.Tensor:
-    return client.encode(req, ctx.call_options()).latents
+    resp = client.encode(req, ctx.call_options())
+    ctx.report(resp.timing)
+    return resp.latents
 
 
 def vae_decode(client: Any, req: vae_pb2.VaeDecodeRequest, ctx: RunContext) -> vae_pb2.VaeDecodeResponse:
-    return client.decode(req, ctx.call_options())
+    resp = client.decode(req, ctx.call_options())
+    ctx.report(resp.timing)
+    return resp

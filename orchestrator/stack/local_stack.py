@@ -82,6 +82,7 @@ def wait_serving(endpoint: str, timeout: float) -> None:
 def _spawn(stage: str, state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     port_file = state_dir / f"{stage}.port"
     port_file.unlink(missing_ok=True)
+    _metrics_port_file(state_dir, stage).unlink(missing_ok=True)
     log = (state_dir / f"{stage}.log").open("ab")
     cmd = [
         sys.executable,
@@ -93,12 +94,30 @@ def _spawn(stage: str, state_dir: Path, env: dict[str, str]) -> tuple[subprocess
         "0",
         "--port-file",
         str(port_file),
+        "--metrics-port",
+        "0",
+        "--metrics-port-file",
+        str(_metrics_port_file(state_dir, stage)),
     ]
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
     )
     log.close()
     return proc, port_file
+
+
+def _metrics_port_file(state_dir: Path, stage: str) -> Path:
+    return state_dir / f"{stage}.metrics-port"
+
+
+def _service(state_dir: Path, stage: str, port: int, pid: int) -> dict:
+    """A service's entry in the state file: its gRPC endpoint, its metrics endpoint (written before the port
+    file `_wait_port` waited for), its pid."""
+    metrics_file = _metrics_port_file(state_dir, stage)
+    entry: dict = {"endpoint": f"127.0.0.1:{port}", "pid": pid}
+    if metrics_file.is_file():
+        entry["metrics"] = f"127.0.0.1:{int(metrics_file.read_text())}"
+    return entry
 
 
 def _wait_port(proc: subprocess.Popen, port_file: Path, stage: str, timeout: float) -> int:
@@ -159,13 +178,11 @@ def up(state_dir: Path, timeout: float = 120.0, extra_env: dict[str, str] | None
         procs = {stage: _spawn(stage, state_dir, env) for stage in STACK_STAGES if stage != "orchestrator"}
         for stage, (proc, port_file) in procs.items():
             port = _wait_port(proc, port_file, stage, timeout)
-            data["services"][stage] = {"endpoint": f"127.0.0.1:{port}", "pid": proc.pid}
+            data["services"][stage] = _service(state_dir, stage, port, proc.pid)
         orch_env = {**env, **{f"DIFFMESH_{s.upper()}": data["services"][s]["endpoint"] for s in procs}}
         proc, port_file = _spawn("orchestrator", state_dir, orch_env)
-        data["services"]["orchestrator"] = {
-            "endpoint": f"127.0.0.1:{_wait_port(proc, port_file, 'orchestrator', timeout)}",
-            "pid": proc.pid,
-        }
+        port = _wait_port(proc, port_file, "orchestrator", timeout)
+        data["services"]["orchestrator"] = _service(state_dir, "orchestrator", port, proc.pid)
         _write_state(state)
         for service in data["services"].values():
             wait_serving(service["endpoint"], max(timeout - (time.monotonic() - started), 1.0))

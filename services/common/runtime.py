@@ -3,6 +3,8 @@ loaded on demand through a registry of loaders keyed by the component's class na
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from protos import common_pb2, tensor_pb2
+from services.common import metrics
 from services.common.errors import InvalidArgument, NotFound
 from services.common.models import Component, ModelCache, find_component, resolve_spec
 from services.common.settings import Settings
@@ -18,6 +21,8 @@ from services.common.store import TensorStore, run_key
 
 V = TypeVar("V")
 Loader = Callable[[Component, torch.device], Any]
+# Which replica ran a stage (StageTiming.endpoint of the services' own timings): the pod name on Kubernetes.
+REPLICA = os.environ.get("HOSTNAME") or socket.gethostname()
 
 
 def pick_device(name: str) -> torch.device:
@@ -35,7 +40,8 @@ class StageRuntime:
         self.settings = settings
         self.store = store
         self.device = pick_device(settings.device)
-        self.models: ModelCache[Any] = ModelCache(settings.model_cache_size)
+        self.models: ModelCache[Any] = ModelCache(settings.model_cache_size, on_evict=self._evicted)
+        self._loaded: dict[str, tuple[str, int]] = {}  # cache key -> (metrics label, bytes)
 
     def resolve(self, spec: str) -> Path:
         """The local file or directory a model spec names (fetched into the cache when remote)."""
@@ -48,8 +54,8 @@ class StageRuntime:
 
     def load(self, spec: str, subfolders: Iterable[str], registry: Mapping[str, Loader]) -> Any:
         """The model component a request names, loaded once and cached (least recently used evicted)."""
-        component = find_component(self.resolve(spec), list(subfolders))
-        return self._cached(spec, component, registry)
+        path = self.resolve(spec)
+        return self._cached(spec, path, find_component(path, list(subfolders)), registry)
 
     def load_component(self, spec: str, subfolder: str, registry: Mapping[str, Loader]) -> Any:
         """The component in exactly `subfolder` of a hub-layout model (no fallback to other folders)."""
@@ -58,9 +64,9 @@ class StageRuntime:
         path = self.resolve(spec)
         if not (path / subfolder / "config.json").is_file():
             raise NotFound(f"{self.stage}: model {spec!r} has no {subfolder}/config.json")
-        return self._cached(spec, find_component(path, [subfolder]), registry)
+        return self._cached(spec, path, find_component(path, [subfolder]), registry)
 
-    def _cached(self, spec: str, component: Component, registry: Mapping[str, Loader]) -> Any:
+    def _cached(self, spec: str, path: Path, component: Component, registry: Mapping[str, Loader]) -> Any:
         loader = registry.get(component.class_name)
         if loader is None:
             raise NotFound(
@@ -68,7 +74,19 @@ class StageRuntime:
                 f"{component.path}; this service loads {sorted(registry) or 'no model classes yet'}"
             )
         key = f"{component.path}|{component.class_name}"
-        return self.models.get(key, lambda: loader(component, self.device))
+
+        def load() -> Any:
+            model = loader(component, self.device)
+            label = _model_label(spec, path, component.path)
+            self._loaded[key] = (label, metrics.model_loaded(self.stage, label, model))
+            return model
+
+        return self.models.get(key, load)
+
+    def _evicted(self, key: str, _model: Any) -> None:
+        label, nbytes = self._loaded.pop(key, ("", 0))
+        if label:
+            metrics.model_evicted(self.stage, label, nbytes)
 
     def output(
         self, request_id: str, name: str, tensor: torch.Tensor, inline: bool | None = None
@@ -80,7 +98,18 @@ class StageRuntime:
     def input(self, msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         return self.store.load(msg, field)
 
-    def timing(self, started: float, endpoint: str = "") -> common_pb2.StageTiming:
+    def timing(self, started: float, endpoint: str = REPLICA) -> common_pb2.StageTiming:
+        """This service's own time for a call since `started` (time.perf_counter()), and which replica ran it."""
         return common_pb2.StageTiming(
             stage=self.stage, seconds=time.perf_counter() - started, endpoint=endpoint
         )
+
+
+def _model_label(spec: str, resolved: Path, component: Path) -> str:
+    """The spec a request named, plus the component's folder when it is one of the model's
+    ("models/flux-dev/transformer", "hf://org/name/text_encoder_2"; a single file or component: the spec)."""
+    try:
+        sub = component.resolve().relative_to(resolved.resolve())
+    except ValueError:
+        return spec
+    return spec if str(sub) == "." else f"{spec.rstrip('/')}/{sub.as_posix()}"

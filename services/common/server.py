@@ -3,7 +3,8 @@
 Health (grpc.health.v1) and reflection on every server, both answering without a token; a bearer-token
 check on every diffmesh RPC; domain errors turned into status codes by one interceptor (the table lives in
 `errors`); message size limits; graceful stop on SIGTERM (health goes NOT_SERVING, new calls are refused,
-in-flight calls drain for up to `grace` seconds).
+in-flight calls drain for up to `grace` seconds). With `metrics_port`, a Prometheus `/metrics` endpoint beside
+it (services/common/metrics.py), stopped with the server; every RPC's duration and code are recorded either way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import metrics
 from services.common.errors import InvalidArgument, status_code
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,23 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 class Server:
     """A started gRPC server with its health servicer; stop() is graceful."""
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, names: Sequence[str]):
+    def __init__(
+        self,
+        server: grpc.Server,
+        health_servicer: health.HealthServicer,
+        names: Sequence[str],
+        metrics_endpoint: metrics.MetricsEndpoint | None = None,
+    ):
         self.grpc = server
         self.health = health_servicer
         self.names = tuple(names)
+        self.metrics = metrics_endpoint
         self._stopped = threading.Event()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the `/metrics` endpoint; None when it is off."""
+        return None if self.metrics is None else self.metrics.port
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -163,6 +176,8 @@ class Server:
         """Refuse new calls, let in-flight ones finish for up to `grace` seconds, then stop."""
         self.set_serving(False)
         self.grpc.stop(grace).wait()
+        if self.metrics is not None:  # after the drain: the last calls are scraped until now
+            self.metrics.stop()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -191,14 +206,23 @@ def create_server(
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = None,
     tls: TlsFiles | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
+    metrics_collectors: Sequence[Any] = (),
 ) -> tuple[Server, int]:
-    """Build, bind and start a server for `bindings`; port 0 picks a free port (returned)."""
-    interceptors: list[grpc.ServerInterceptor] = []
+    """Build, bind and start a server for `bindings`; port 0 picks a free port (returned).
+
+    `metrics_port` (None: off; 0: a free port, see `Server.metrics_port`) serves Prometheus metrics over plain
+    HTTP on `metrics_host` (default: `host`): this process's registry plus `metrics_collectors`."""
+    interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor(_OPEN_PREFIXES)]
     if token:
         interceptors.append(AuthInterceptor(token))
     interceptors.append(ErrorInterceptor())
+    names = [b.name for b in bindings]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        metrics.CountingExecutor(
+            "+".join(metrics.service_label(n) for n in names), max_workers, thread_name_prefix="rpc"
+        ),
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -209,7 +233,6 @@ def create_server(
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [b.name for b in bindings]
     for b in bindings:
         b.add(b.servicer, server)
     reflection.enable_server_reflection(
@@ -227,7 +250,16 @@ def create_server(
         bound = server.add_secure_port(address, creds)
     if bound == 0:
         raise OSError(f"cannot bind {address}")
+    endpoint = None
+    if metrics_port is not None:
+        try:
+            endpoint = metrics.MetricsEndpoint(metrics_host or host, metrics_port, metrics_collectors)
+        except OSError as e:
+            server.stop(None)
+            raise OSError(
+                f"cannot bind the metrics endpoint {metrics_host or host}:{metrics_port}: {e}"
+            ) from e
     server.start()
-    wrapped = Server(server, health_servicer, names)
+    wrapped = Server(server, health_servicer, names, endpoint)
     wrapped.set_serving(True)
     return wrapped, bound

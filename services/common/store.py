@@ -28,7 +28,7 @@ from minio.helpers import check_bucket_name
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
 from protos import tensor_pb2
-from services.common import wire
+from services.common import metrics, wire
 from services.common.errors import (
     DataLoss,
     FailedPrecondition,
@@ -97,7 +97,9 @@ class TensorStore(ABC):
     # -- tensors -----------------------------------------------------------------------------------------
     def put(self, key: str, tensor: torch.Tensor) -> tensor_pb2.TensorRef:
         name, shape, data = wire.to_bytes(tensor)
+        started = time.perf_counter()
         uri = self.put_bytes(check_key(key), data)
+        metrics.observe_store("put", len(data), time.perf_counter() - started)
         return tensor_pb2.TensorRef(
             uri=uri, dtype=name, shape=shape, byte_size=len(data), sha256=wire.sha256_hex(data)
         )
@@ -106,7 +108,9 @@ class TensorStore(ABC):
         want = wire.expected_size(ref.dtype, list(ref.shape))
         if ref.byte_size != want:
             raise DataLoss(f"{ref.uri}: byte_size {ref.byte_size} != {want} for {ref.dtype}{list(ref.shape)}")
+        started = time.perf_counter()
         data = self.get_bytes(self.key_of(ref.uri), want)
+        metrics.observe_store("get", len(data), time.perf_counter() - started)
         got = wire.sha256_hex(data)
         if got != ref.sha256:
             raise DataLoss(f"{ref.uri}: sha256 mismatch, expected {ref.sha256}, got {got}")

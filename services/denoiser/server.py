@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import grpc
 
 from protos import common_pb2, denoiser_pb2, denoiser_pb2_grpc
+from services.common import metrics
 from services.common.errors import Cancelled
 from services.common.runtime import StageRuntime
 from services.common.server import Binding, request_id
@@ -41,9 +42,14 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         outcome: dict[str, object] = {}
+        step_seconds = metrics.DENOISE_STEP_SECONDS.labels(self.rt.stage, request.model)
+        last_step = [started]
 
         def on_step(step: int, total: int) -> None:
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            step_seconds.observe(now - last_step[0])
+            last_step[0] = now
+            elapsed = now - started
             eta = elapsed / step * (total - step) if step else 0.0
             progress = common_pb2.Progress(
                 step=step, total=total, elapsed_s=elapsed, eta_s=eta, stage="denoise"
@@ -51,6 +57,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             events.put(denoiser_pb2.DenoiseEvent(progress=progress))
 
         def work() -> None:
+            last_step[0] = (
+                time.perf_counter()
+            )  # step 1 is timed from the start of the loop (its setup included)
             try:
                 outcome["out"] = model.denoise(inputs, on_step, cancelled.is_set)
             except BaseException as e:  # handed to the handler thread, which raises it
