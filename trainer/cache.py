@@ -32,6 +32,7 @@ from trainer.spec import SpecError
 log = logging.getLogger(__name__)
 MEMORY_LIMIT = 1 << 30  # hold the whole cache in memory below this many bytes
 TEXT_BATCH = 8
+IMAGE_BATCH = 16  # images of one size encoded together
 
 
 def _digest(*parts: Any) -> str:
@@ -75,11 +76,19 @@ def _collect() -> None:
 class FeatureCache:
     """Per item: latents `(C, h, w)` and the text features of its caption; batches stacked on dim 0."""
 
-    def __init__(self, folder: Path, latent_keys: list[str], text_keys: list[str]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        latent_keys: list[str],
+        text_keys: list[str],
+        extra_keys: dict[str, str] | None = None,
+    ) -> None:
         self.folder = folder
         self.latent_keys = latent_keys
         self.text_keys = text_keys
+        self.extra_keys = dict(extra_keys or {})  # caption -> key, for captions of no item (the empty one)
         files = {self._latent(k) for k in latent_keys} | {self._text(k) for k in text_keys}
+        files |= {self._text(k) for k in self.extra_keys.values()}
         self.nbytes = sum(p.stat().st_size for p in files)
         self._memory: dict[Path, dict[str, Tensor]] | None = (
             {p: load_file(p) for p in files} if self.nbytes <= MEMORY_LIMIT else None
@@ -100,6 +109,12 @@ class FeatureCache:
         texts = [self._read(self._text(self.text_keys[i])) for i in indices]
         return latents, {name: torch.stack([t[name] for t in texts]) for name in texts[0]}
 
+    def caption_features(self, caption: str) -> dict[str, Tensor]:
+        """The text features of one of the `extra_captions` the cache was built with: {name: (...)}."""
+        if caption not in self.extra_keys:
+            raise KeyError(f"caption {caption!r} was not cached; cached extras: {sorted(self.extra_keys)}")
+        return dict(self._read(self._text(self.extra_keys[caption])))
+
 
 def build_cache(
     items: list[Item],
@@ -111,12 +126,18 @@ def build_cache(
     text_outputs: Sequence[str],
     vae_component: str,
     max_sequence_length: int,
+    extra_captions: Sequence[str] = (),
 ) -> FeatureCache:
-    """Encode whatever is not cached yet (loading only the models needed), free the models, return the cache."""
+    """Encode whatever is not cached yet (loading only the models needed), free the models, return the cache.
+    `extra_captions` (e.g. the empty prompt, for caption dropout) are encoded too, read by `caption_features`."""
     vae_id = component_id(model_dir, vae_component)
     text_id = [component_id(model_dir, c) for c in text_components]
     latent_keys = [_digest(vae_id, file_sha256(it.path), it.size) for it in items]
-    text_keys = [_digest(text_id, it.caption, max_sequence_length, list(text_outputs)) for it in items]
+
+    def text_key(caption: str) -> str:
+        return _digest(text_id, caption, max_sequence_length, list(text_outputs))
+
+    text_keys = [text_key(it.caption) for it in items]
 
     todo = {k: it for k, it in zip(latent_keys, items, strict=True)}
     todo = {k: it for k, it in todo.items() if not (folder / "latents" / f"{k}.safetensors").is_file()}
@@ -124,17 +145,27 @@ def build_cache(
         log.info("encoding %d images with the VAE", len(todo))
         comp = find_component(model_dir, [vae_component])
         vae = VAES[comp.class_name](comp, device)
+        by_size: dict[tuple[int, int], list[tuple[str, Item]]] = {}
         for key, it in todo.items():
-            try:
-                pixels = load_pixels(it.path, it.size)
-            except OSError as e:
-                raise SpecError(FIELD, f"image {it.image} cannot be decoded: {e}") from None
-            z = vae.encode(pixels[None], sample=False)[0]  # posterior mean, normalised (C, h, w)
-            _save({"latents": z.float()}, folder / "latents" / f"{key}.safetensors")
+            by_size.setdefault(it.size, []).append((key, it))
+        for group in by_size.values():
+            for start in range(0, len(group), IMAGE_BATCH):
+                chunk = group[start : start + IMAGE_BATCH]
+                pixels = []
+                for _, it in chunk:
+                    try:
+                        pixels.append(load_pixels(it.path, it.size))
+                    except OSError as e:
+                        raise SpecError(FIELD, f"image {it.image} cannot be decoded: {e}") from None
+                z = vae.encode(torch.stack(pixels), sample=False)  # posterior means, normalised (B, C, h, w)
+                for row, (key, _) in enumerate(chunk):
+                    _save({"latents": z[row].float()}, folder / "latents" / f"{key}.safetensors")
         del vae
         _collect()
 
+    extra_keys = {c: text_key(c) for c in extra_captions}
     captions = {k: it.caption for k, it in zip(text_keys, items, strict=True)}
+    captions.update({k: c for c, k in extra_keys.items()})
     captions = {k: c for k, c in captions.items() if not (folder / "text" / f"{k}.safetensors").is_file()}
     if captions:
         log.info("encoding %d captions (max_sequence_length %d)", len(captions), max_sequence_length)
@@ -158,4 +189,4 @@ def build_cache(
                 )
         encoders.clear()
         _collect()
-    return FeatureCache(folder, latent_keys, text_keys)
+    return FeatureCache(folder, latent_keys, text_keys, extra_keys)

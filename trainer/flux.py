@@ -21,8 +21,12 @@ from services.common.errors import DiffmeshError
 from services.common.models import Component, find_component, read_json
 from services.denoiser.adapters.flux import image_ids, load_hub, pack
 from services.denoiser.convert.flux import bfl_to_diffusers
-from services.denoiser.models.flux import Flux
-from services.denoiser.sampling.schedules import SchedulerConfig
+from services.denoiser.models.flux import Flux, FluxParams
+from services.denoiser.sampling.schedules import (
+    FLUX_DEV_SCHEDULER,
+    FLUX_SCHNELL_SCHEDULER,
+    SchedulerConfig,
+)
 from trainer.objective import flow_matching_loss, interpolate, sample_sigmas
 from trainer.spec import SpecError
 from trainer.storage import Storage
@@ -58,6 +62,97 @@ class Denoiser:
     model: Flux
     scheduler: SchedulerConfig
     component: Component
+
+
+def params_from_config(config: dict[str, Any], source: str) -> FluxParams:
+    """A diffusers `FluxTransformer2DModel` config.json -> `FluxParams` (mlp ratio 4, theta 10000, qkv bias:
+    what that class hard-codes); SpecError("baseModel") naming a missing field."""
+    required = (
+        "in_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "axes_dims_rope",
+    )
+    missing = [k for k in required if config.get(k) is None]
+    if missing:
+        raise SpecError("baseModel", f"{source}: the transformer config has no {missing}")
+    if int(config.get("patch_size", 1)) != 1:
+        raise SpecError(
+            "baseModel", f"{source}: patch_size {config['patch_size']}; FLUX.1 packs 2x2 itself (1)"
+        )
+    head_dim = int(config["attention_head_dim"])
+    axes = tuple(int(a) for a in config["axes_dims_rope"])
+    if sum(axes) != head_dim:
+        raise SpecError(
+            "baseModel", f"{source}: axes_dims_rope {list(axes)} must sum to the head dim {head_dim}"
+        )
+    in_channels = int(config["in_channels"])
+    return FluxParams(
+        in_channels=in_channels,
+        out_channels=int(config.get("out_channels") or in_channels),
+        vec_in_dim=int(config["pooled_projection_dim"]),
+        context_in_dim=int(config["joint_attention_dim"]),
+        hidden_size=head_dim * int(config["num_attention_heads"]),
+        mlp_ratio=4.0,
+        num_heads=int(config["num_attention_heads"]),
+        depth=int(config["num_layers"]),
+        depth_single_blocks=int(config["num_single_layers"]),
+        axes_dim=axes,
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=bool(config.get("guidance_embeds", False)),
+    )
+
+
+def init_random(params: FluxParams, seed: int) -> Flux:
+    """A freshly initialised `Flux` (float32, CPU): PyTorch's default Linear init from a seeded global RNG,
+    then adaLN-Zero (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", sec. 3.2): every
+    modulation and the final projection start at zero, so each block starts as the identity and the
+    model predicts v = 0."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Flux(params)
+    finally:
+        torch.random.set_rng_state(state)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            zero = name.endswith(".lin") or name in ("final_layer.adaLN_modulation.1", "final_layer.linear")
+            if zero and isinstance(module, torch.nn.Linear):
+                module.weight.zero_()
+                module.bias.zero_()
+    return model
+
+
+def _scheduler_config(model_dir: Path, params: FluxParams) -> SchedulerConfig:
+    """The model's `scheduler/scheduler_config.json`, else FLUX.1-dev's / -schnell's (as the denoiser does)."""
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return FLUX_DEV_SCHEDULER if params.guidance_embed else FLUX_SCHNELL_SCHEDULER
+    try:
+        return SchedulerConfig.from_dict(read_json(path))
+    except ValueError as e:
+        raise SpecError("baseModel", f"{path}: {e}") from None
+
+
+def new_denoiser(model_dir: Path, device: torch.device, seed: int) -> Denoiser:
+    """`init: random`: our `Flux` built from `transformer/config.json` alone (weights there are ignored),
+    seeded, float32, on `device`."""
+    try:
+        component = find_component(model_dir, [DENOISER_COMPONENT])
+    except DiffmeshError as e:
+        raise SpecError("baseModel", f"{model_dir}: {e}") from None
+    if component.class_name != "FluxTransformer2DModel":
+        raise SpecError(
+            "baseModel", f"{component.path} is a {component.class_name!r}, not a FluxTransformer2DModel"
+        )
+    params = params_from_config(component.config, str(component.path / "config.json"))
+    model = init_random(params, seed).to(device)
+    return Denoiser(model, _scheduler_config(model_dir, params), component)
 
 
 def load_denoiser(model_dir: Path, device: torch.device) -> Denoiser:
@@ -114,3 +209,18 @@ def save_transformer(model: Flux, base: Component, storage: Storage, folder: str
     storage.write(f"{folder}/{WEIGHTS_NAME}", safetensors_bytes(weights, metadata={"format": "pt"}))
     storage.write(f"{folder}/config.json", json.dumps(config, indent=2, sort_keys=True).encode())
     return [f"{folder}/{WEIGHTS_NAME}", f"{folder}/config.json"]
+
+
+def drop_captions(
+    text: dict[str, Tensor], empty: dict[str, Tensor], probability: float, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Caption dropout: each sample's text features `(B, ...)` replaced by the empty prompt's `(...)` with
+    `probability` (one uniform draw per sample from `generator`), so the model also learns the unconditional
+    velocity that classifier-free guidance (Ho & Salimans 2022) extrapolates from."""
+    b = next(iter(text.values())).shape[0]
+    drop = torch.rand(b, generator=generator) < probability  # (B,)
+    out = {}
+    for name, value in text.items():
+        mask = drop.view(-1, *([1] * (value.ndim - 1)))
+        out[name] = torch.where(mask, empty[name].to(value.dtype).expand_as(value), value)
+    return out

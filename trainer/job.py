@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from services.common.errors import DiffmeshError
 from services.common.models import find_component, resolve_spec
 from services.common.runtime import pick_device
 from services.common.settings import Settings
-from trainer import checkpoint, data, flux
+from trainer import checkpoint, data, flux, vae
 from trainer.cache import build_cache
 from trainer.loop import LoopConfig, StepInfo, TrainLoop
 from trainer.lora import TrainableLora, lora_metadata, select_targets, to_diffusers
@@ -42,6 +42,8 @@ LORA_FILE = (
     "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(<output>) finds it
 )
 TRANSFORMER_FOLDER = "transformer"
+VAE_FOLDER = vae.FOLDER
+EMPTY_PROMPT = ""  # caption dropout trains on this prompt's features: CFG's unconditional branch
 WORK_DIR_ENV = "DIFFMESH_TRAIN_WORK_DIR"
 FAMILIES = {flux.NAME: flux}
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # frozen LoRA base
@@ -167,18 +169,28 @@ def _save(spec: TrainSpec, lora: TrainableLora | None, denoiser: flux.Denoiser, 
     return [TRANSFORMER_FOLDER]
 
 
-def _train(
-    spec: TrainSpec, env: Mapping[str, str], options: Options, out: Storage, status: StatusWriter
-) -> Result:
-    family = FAMILIES[spec.family]
-    settings = Settings.from_env(env)
-    device = pick_device(settings.device)
-    model_dir = _model_dir(spec, settings)
-    scratch = work_dir(out, env)
-    log.info("training %s (%s) from %s to %s on %s", spec.name, spec.family, model_dir, out.root_uri, device)
-    status.write("running", message="checking the dataset", force=True)
-    items = _dataset(spec, env, scratch)
+@dataclass
+class _Setup:
+    """What the shared loop needs from a component: the module, what trains, the loss, how to save."""
 
+    model: torch.nn.Module
+    lora: TrainableLora | None
+    params: list[torch.nn.Parameter]
+    compute_loss: Callable[[list[int]], torch.Tensor]
+    generator: torch.Generator  # what compute_loss draws from (its state is checkpointed)
+    save: Callable[[], list[str]]
+
+
+def _denoiser_setup(
+    spec: TrainSpec,
+    items: list[data.Item],
+    model_dir: Path,
+    scratch: Path,
+    device: torch.device,
+    out: Storage,
+    status: StatusWriter,
+) -> _Setup:
+    family = FAMILIES[spec.family]
     status.write("running", message="caching text embeddings and latents", force=True)
     started = time.perf_counter()
     cache = build_cache(
@@ -190,24 +202,78 @@ def _train(
         text_outputs=family.TEXT_OUTPUTS,
         vae_component=family.VAE_COMPONENT,
         max_sequence_length=family.max_sequence_length(model_dir),
+        extra_captions=[EMPTY_PROMPT] if spec.caption_dropout > 0 else [],
     )
     log.info("feature cache: %.1f MB in %.2f s", cache.nbytes / 1e6, time.perf_counter() - started)
+    empty = cache.caption_features(EMPTY_PROMPT) if spec.caption_dropout > 0 else None
 
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)  # noise and sigmas
-    denoiser = family.load_denoiser(model_dir, device)
+    if spec.init == "random":
+        denoiser = family.new_denoiser(model_dir, device, spec.seed)
+        log.info("denoiser initialised at random (seed %d): %s", spec.seed, denoiser.model.params)
+    else:
+        denoiser = family.load_denoiser(model_dir, device)
     model = denoiser.model
     lora = _trainable(spec, model, device)
     params = list(lora.parameters() if lora is not None else model.parameters())
+
+    def compute_loss(indices: list[int]) -> torch.Tensor:
+        latents, text = cache.batch(indices)
+        if empty is not None:
+            text = family.drop_captions(text, empty, spec.caption_dropout, generator)
+        return family.training_loss(model, latents.to(device), text, denoiser.scheduler, generator)
+
+    return _Setup(model, lora, params, compute_loss, generator, lambda: _save(spec, lora, denoiser, out))
+
+
+def _vae_setup(
+    spec: TrainSpec, items: list[data.Item], model_dir: Path, device: torch.device, out: Storage
+) -> _Setup:
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)  # posterior samples
+    started = time.perf_counter()
+    images = vae.Images(items)
+    log.info("decoded %d images in %.2f s", len(items), time.perf_counter() - started)
+    model = vae.build(spec, model_dir).float().requires_grad_(True).to(device)
+    info = {"family": spec.family, "base_model": spec.base_model, "steps": spec.steps, "seed": spec.seed}
+
+    def compute_loss(indices: list[int]) -> torch.Tensor:
+        return vae.training_loss(model, images.batch(indices, device), generator)
+
+    def save() -> list[str]:
+        calibrated = vae.calibrate(model, images, device)
+        vae.save(calibrated, out, VAE_FOLDER)
+        out.write(
+            f"{VAE_FOLDER}/diffmesh_train.json", json.dumps({**info, "name": spec.name}, indent=2).encode()
+        )
+        return [VAE_FOLDER]
+
+    return _Setup(model, None, list(model.parameters()), compute_loss, generator, save)
+
+
+def _train(
+    spec: TrainSpec, env: Mapping[str, str], options: Options, out: Storage, status: StatusWriter
+) -> Result:
+    settings = Settings.from_env(env)
+    device = pick_device(settings.device)
+    model_dir = _model_dir(spec, settings)
+    scratch = work_dir(out, env)
+    log.info("training %s (%s) from %s to %s on %s", spec.name, spec.family, model_dir, out.root_uri, device)
+    status.write("running", message="checking the dataset", force=True)
+    items = _dataset(spec, env, scratch)
+    if spec.component == "vae":
+        setup = _vae_setup(spec, items, model_dir, device, out)
+    else:
+        setup = _denoiser_setup(spec, items, model_dir, scratch, device, out, status)
+    model, lora, params, generator = setup.model, setup.lora, setup.params, setup.generator
     model.train()
     if lora is not None:
         lora.train()
     log.info("trainable parameters: %d", sum(p.numel() for p in params))
-
-    def compute_loss(indices: list[int]) -> torch.Tensor:
-        latents, text = cache.batch(indices)
-        return family.training_loss(model, latents.to(device), text, denoiser.scheduler, generator)
+    compute_loss = setup.compute_loss
 
     sampler = data.BucketSampler([it.size for it in items], spec.batch_size, spec.dataset.repeats, spec.seed)
     config = LoopConfig(
@@ -259,7 +325,7 @@ def _train(
     status.write("running", step=loop.step, message="training", force=True)
     loop.run(on_step, on_checkpoint)
 
-    artifacts = _save(spec, lora, denoiser, out)
+    artifacts = setup.save()
     last = losses[-1] if losses else None
     status.write("succeeded", step=loop.step, loss=last, message="done", artifacts=artifacts, force=True)
     log.info("saved %s", ", ".join(out.uri(a) for a in artifacts))

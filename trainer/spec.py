@@ -18,6 +18,7 @@ TrainSpec = orchestrator_pb2.TrainSpec
 TRAINABLE_FAMILIES = ("flux",)
 COMPONENTS = ("denoiser", "vae")
 PRECISIONS = ("no", "bf16", "fp16")
+INITS = ("pretrained", "random")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.json")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,48}[a-z0-9])?$")  # usable as a Kubernetes Job name
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
@@ -29,6 +30,7 @@ DEFAULTS = {
     "resolution": 512,
     "component": "denoiser",
     "mixed_precision": "no",
+    "init": "pretrained",
 }
 
 
@@ -115,6 +117,14 @@ def validate_spec(spec: orchestrator_pb2.TrainSpec, *, check_paths: bool = True)
             raise SpecError("lora.alpha", f"{s.lora.alpha} must be > 0")
         if not 0 <= s.lora.dropout < 1:
             raise SpecError("lora.dropout", f"{s.lora.dropout} must be in [0, 1)")
+    if s.init not in INITS:
+        raise SpecError("init", f"{s.init!r}; one of {list(INITS)}")
+    if s.init == "random" and s.mode != TrainSpec.FULL:
+        raise SpecError("init", "training from random weights needs mode FULL (a LoRA needs trained weights)")
+    if not 0 <= s.caption_dropout < 1:
+        raise SpecError("captionDropout", f"{s.caption_dropout} must be in [0, 1)")
+    if s.component == "vae" and s.caption_dropout:
+        raise SpecError("captionDropout", "the VAE is trained on images alone; leave it 0")
     if not 0 < s.learning_rate <= 1:
         raise SpecError("learningRate", f"{s.learning_rate} must be in (0, 1]")
     if not 1 <= s.steps <= 10_000_000:
@@ -129,7 +139,7 @@ def validate_spec(spec: orchestrator_pb2.TrainSpec, *, check_paths: bool = True)
         raise SpecError("checkpointEvery", f"{s.checkpoint_every} is more than steps={s.steps}")
 
 
-UNIMPLEMENTED_COMPONENTS = {"vae": "training the VAE is not implemented yet (issue 6); use 'denoiser'"}
+UNIMPLEMENTED_COMPONENTS: dict[str, str] = {}  # component -> why this trainer cannot train it yet
 
 
 def check_implemented(spec: orchestrator_pb2.TrainSpec) -> None:

@@ -37,7 +37,10 @@ def run(
         ({"family": "sd9"}, "family"),
         ({"lora": {"rank": 0}}, "lora.rank"),
         ({"learningRate": 2.0}, "learningRate"),
-        ({"component": "vae", "mode": "FULL"}, "component"),  # valid, but VAE training is issue 6
+        ({"component": "vae"}, "mode"),  # the VAE trains in FULL mode, not as a LoRA
+        ({"init": "random"}, "init"),  # from scratch needs FULL
+        ({"init": "zeros", "mode": "FULL"}, "init"),
+        ({"captionDropout": 1.0}, "captionDropout"),
     ],
 )
 def test_bad_specs_exit_2_naming_the_field_before_loading_torch(tmp_path, dataset, change, field):

@@ -274,3 +274,69 @@ def load_autoencoder(
         sd = {k: v.to(dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
+
+
+_RESNET_NAMES_INV = {v: k for k, v in _RESNET_NAMES.items()}
+_ATTN_NAMES_INV = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
+_RE_BFL_DOWN_RES = re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$")
+_RE_BFL_DOWN_SAMPLE = re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)$")
+_RE_BFL_UP_RES = re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$")
+_RE_BFL_UP_SAMPLE = re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)$")
+_RE_BFL_MID_RES = re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)$")
+_RE_BFL_MID_ATTN = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$")
+_RE_BFL_TOP = re.compile(r"^(encoder|decoder)\.(conv_in|conv_out|norm_out)\.(weight|bias)$")
+
+
+def _map_bfl_key(key: str, n_up: int) -> str | None:
+    if m := _RE_BFL_DOWN_RES.match(key):
+        i, j, name, wb = m.groups()
+        new = _RESNET_NAMES_INV.get(name)
+        return f"encoder.down_blocks.{i}.resnets.{j}.{new}.{wb}" if new else None
+    if m := _RE_BFL_DOWN_SAMPLE.match(key):
+        return f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
+    if m := _RE_BFL_UP_RES.match(key):
+        level, j, name, wb = m.groups()
+        new = _RESNET_NAMES_INV.get(name)
+        return f"decoder.up_blocks.{n_up - 1 - int(level)}.resnets.{j}.{new}.{wb}" if new else None
+    if m := _RE_BFL_UP_SAMPLE.match(key):
+        return f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
+    if m := _RE_BFL_MID_RES.match(key):
+        part, i, name, wb = m.groups()
+        new = _RESNET_NAMES_INV.get(name)
+        return f"{part}.mid_block.resnets.{int(i) - 1}.{new}.{wb}" if new else None
+    if m := _RE_BFL_MID_ATTN.match(key):
+        part, name, wb = m.groups()
+        return f"{part}.mid_block.attentions.0.{_ATTN_NAMES_INV[name]}.{wb}"
+    if m := _RE_BFL_TOP.match(key):
+        return f"{m.group(1)}.{_TOP_LEVEL_INV[m.group(2)]}.{m.group(3)}"
+    if _RE_QUANT.match(key):
+        return key
+    return None
+
+
+def bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """BFL / our keys -> diffusers AutoencoderKL keys (the inverse of `diffusers_to_bfl`): `decoder.up.N` becomes
+    `decoder.up_blocks.{n-1-N}`, the mid-block attention's 1x1 convs become Linear (2-D) weights.
+
+    Raises CheckpointLayoutError listing every key it cannot place (nothing is dropped silently).
+    """
+    n_up = _count(state_dict.keys(), r"^decoder\.up\.(\d+)\.")
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        new = _map_bfl_key(key, n_up)
+        if new is None:
+            unknown.append(key)
+            continue
+        if ".mid.attn_1." in key and key.endswith(".weight") and ".norm." not in key:
+            if value.ndim == 4:  # 1x1 conv (C_out, C_in, 1, 1) -> Linear (C_out, C_in)
+                value = value[:, :, 0, 0]
+            elif value.ndim != 2:
+                raise CheckpointLayoutError(f"{key}: expected a 2-D or 4-D weight, got {tuple(value.shape)}")
+        if new in out:
+            raise CheckpointLayoutError(f"{key} maps to {new}, which another key already filled")
+        out[new] = value
+    if unknown:
+        raise CheckpointLayoutError(f"BFL VAE keys with no diffusers counterpart: {sorted(unknown)}")
+    return out
