@@ -12,9 +12,12 @@ resolution, then box-downsampled, so an edge pixel is the exact coverage blend o
   in RGB; every colour is >= 90 from every background.
 - Backgrounds (`BACKGROUNDS`): white (255, 255, 255), black (0, 0, 0), grey (128, 128, 128). The two sets
   are disjoint, so a shape never has its background's colour.
-- The held-out concept (`CONCEPTS`): the colour "pink" (250, 130, 200), which the base model never sees.
-  `--concept none` (the default) leaves it out; `--concept pink` adds it as a seventh shape colour;
-  `--concept pink --only-concept` makes every sample pink (the LoRA's dataset).
+- Held-out concepts the base model never sees: the colour "pink" (250, 130, 200) (`CONCEPTS`) and the
+  shape "diamond" (a square turned 45 degrees, filling half its bounding box like the triangle but symmetric
+  top to bottom) (`CONCEPT_SHAPES`). `--concept none` (the default) leaves them out; `--concept pink` adds a
+  seventh shape colour, `--concept diamond` a fifth shape; `--only-concept` makes every sample show the
+  concept (a LoRA's dataset). `CONCEPT` is the one the shipped LoRA teaches: "diamond" (pink needs a VAE
+  that has seen pink, so a new colour means retraining the autoencoder; a new shape does not).
 - Size: 35-65 % of the side; position: the centre jitters as far as keeps a margin of 6 % of the side.
 - Captions: the canonical "a red circle on a white background" (40 % of samples; the evaluation's form)
   or one of the paraphrases in `TEMPLATES`, chosen by the seed.
@@ -63,7 +66,9 @@ COLOURS: dict[str, RGB] = {
 }
 BACKGROUNDS: dict[str, RGB] = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 CONCEPTS: dict[str, RGB] = {"pink": (250, 130, 200)}  # held out of the base dataset
-CONCEPT = "pink"
+CONCEPT_SHAPES = ("diamond",)  # held out of the base dataset
+ALL_SHAPES = (*SHAPES, *CONCEPT_SHAPES)
+CONCEPT = "diamond"  # the concept the shipped LoRA teaches
 PALETTE: dict[str, RGB] = {**COLOURS, **CONCEPTS, **BACKGROUNDS}  # every colour word we know
 
 TEMPLATES = (
@@ -113,9 +118,9 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     """(shape, colour, background) of a caption in any of our forms: the colour word right before the shape
     word is the shape's, the other colour word the background's. ValueError when that is not there."""
     words = [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z]+", text.lower())]
-    shapes = [i for i, w in enumerate(words) if w in SHAPES]
+    shapes = [i for i, w in enumerate(words) if w in ALL_SHAPES]
     if len(shapes) != 1:
-        raise ValueError(f"caption {text!r}: expected one shape word of {list(SHAPES)}")
+        raise ValueError(f"caption {text!r}: expected one shape word of {list(ALL_SHAPES)}")
     i = shapes[0]
     if i == 0 or words[i - 1] not in PALETTE:
         raise ValueError(f"caption {text!r}: no colour word before {words[i]!r}; known: {list(PALETTE)}")
@@ -127,8 +132,10 @@ def parse_caption(text: str) -> tuple[str, str, str]:
 
 def shape_colours(concept: str | None = None, only_concept: bool = False) -> list[str]:
     """The shape colours a dataset draws from: the base six, plus the concept, or the concept alone."""
-    if concept is not None and concept not in CONCEPTS:
-        raise ValueError(f"concept {concept!r}: known: {list(CONCEPTS)} (or None)")
+    if concept is not None and concept not in (*CONCEPTS, *CONCEPT_SHAPES):
+        raise ValueError(f"concept {concept!r}: known: {[*CONCEPTS, *CONCEPT_SHAPES]} (or None)")
+    if concept in CONCEPT_SHAPES:
+        return list(COLOURS)
     if only_concept:
         if concept is None:
             raise ValueError("only_concept needs a concept")
@@ -136,12 +143,19 @@ def shape_colours(concept: str | None = None, only_concept: bool = False) -> lis
     return [*COLOURS, *([concept] if concept else [])]
 
 
+def dataset_shapes(concept: str | None = None, only_concept: bool = False) -> list[str]:
+    """The shapes a dataset draws from: the base four, plus a shape concept, or that shape alone."""
+    if concept not in CONCEPT_SHAPES:
+        return list(SHAPES)
+    return [concept] if only_concept else [*SHAPES, concept]
+
+
 def render(
     shape: str, colour: str, background: str, centre: tuple[float, float], size: float, resolution: int = 64
 ) -> Image.Image:
     """One shape of `size` pixels centred at `centre` (pixels) on a `resolution`-square RGB image."""
-    if shape not in SHAPES:
-        raise ValueError(f"shape {shape!r}: known: {list(SHAPES)}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"shape {shape!r}: known: {list(ALL_SHAPES)}")
     k = SUPERSAMPLE
     img = Image.new("RGB", (resolution * k, resolution * k), PALETTE[background])
     draw = ImageDraw.Draw(img)
@@ -153,6 +167,8 @@ def render(
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
     elif shape == "triangle":
         draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
     else:  # cross
         t = h * CROSS_ARM
         draw.rectangle((cx - h, cy - t, cx + h, cy + t), fill=fill)
@@ -167,9 +183,10 @@ def draw_sample(
     shape: str | None = None,
     colour: str | None = None,
     background: str | None = None,
+    shapes: list[str] | None = None,
 ) -> tuple[Image.Image, Label]:
     """A random sample (attributes given are kept); its label has no image path."""
-    shape = shape or SHAPES[rng.integers(len(SHAPES))]
+    shape = shape or (shapes or SHAPES)[rng.integers(len(shapes or SHAPES))]
     colour = colour or colours[rng.integers(len(colours))]
     background = background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     size = float(rng.uniform(*SIZE_RANGE)) * resolution
@@ -191,8 +208,9 @@ def samples(
     if resolution < 16:
         raise ValueError(f"resolution={resolution}: expected >= 16")
     colours = shape_colours(concept, only_concept)
+    shapes = dataset_shapes(concept, only_concept)
     for i in range(n):
-        img, label = draw_sample(np.random.default_rng((seed, i)), resolution, colours)
+        img, label = draw_sample(np.random.default_rng((seed, i)), resolution, colours, shapes=shapes)
         yield img, Label(**{**asdict(label), "image": f"images/{i:05d}.png"})
 
 
@@ -205,8 +223,8 @@ def render_prompt(prompt: str, seed: int, resolution: int = 64) -> Image.Image:
 
 def eval_prompts(kind: str = "base") -> list[str]:
     """The fixed evaluation prompts, canonical form. "base": 24 (every shape x every base colour, the
-    background cycling so each shape and each colour meets all three); "concept": 12 (every shape x every
-    background, in the held-out colour)."""
+    background cycling so each shape and each colour meets all three); "concept" (= "diamond"): 12 (a diamond
+    in every base colour on two backgrounds each); "pink": 12 (every shape x every background, in pink)."""
     bgs = list(BACKGROUNDS)
     if kind == "base":
         return [
@@ -214,9 +232,15 @@ def eval_prompts(kind: str = "base") -> list[str]:
             for s, shape in enumerate(SHAPES)
             for c, colour in enumerate(COLOURS)
         ]
-    if kind == "concept":
-        return [caption(shape, CONCEPT, bg) for shape in SHAPES for bg in bgs]
-    raise ValueError(f"prompt set {kind!r}: known: ['base', 'concept']")
+    if kind in ("concept", "diamond"):
+        return [
+            caption("diamond", colour, bgs[(c + k) % len(bgs)])
+            for c, colour in enumerate(COLOURS)
+            for k in (0, 1)
+        ]
+    if kind == "pink":
+        return [caption(shape, "pink", bg) for shape in SHAPES for bg in bgs]
+    raise ValueError(f"prompt set {kind!r}: known: ['base', 'concept', 'diamond', 'pink']")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ def write_dataset(
         "resolution": resolution,
         "concept": concept,
         "only_concept": only_concept,
-        "shapes": list(SHAPES),
+        "shapes": dataset_shapes(concept, only_concept),
         "colours": shape_colours(concept, only_concept),
         "backgrounds": list(BACKGROUNDS),
         "palette": PALETTE,
@@ -308,12 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--concept", choices=[*CONCEPTS, "none"], default="none", help="add the held-out concept")
+    p.add_argument(
+        "--concept",
+        choices=[*CONCEPTS, *CONCEPT_SHAPES, "none"],
+        default="none",
+        help="add a held-out concept",
+    )
     p.add_argument("--only-concept", action="store_true", help="every sample shows the concept (LoRA data)")
     args = p.parse_args(argv)
     concept = None if args.concept == "none" else args.concept
     if args.only_concept and concept is None:
-        p.error("--only-concept needs --concept " + "|".join(CONCEPTS))
+        p.error("--only-concept needs --concept " + "|".join([*CONCEPTS, *CONCEPT_SHAPES]))
     if args.n < 1 or args.resolution < 16:
         p.error(f"--n {args.n} must be >= 1 and --resolution {args.resolution} >= 16")
     labels = write_dataset(args.out, args.n, args.seed, args.resolution, concept, args.only_concept)

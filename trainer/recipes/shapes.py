@@ -1,16 +1,20 @@
-"""`python -m trainer.recipes.shapes`: train `models/diffmesh-shapes` from nothing, and its pink LoRA.
+"""`python -m trainer.recipes.shapes`: train `models/diffmesh-shapes` from nothing, and its diamond LoRA.
 
 Every phase is a command anyone can re-run; the recipe prints each one and its wall time:
 
-1. data      the shapes datasets (trainer/datasets/shapes.py), fixed seeds: base (6 colours, seed 0),
-             pink-only (the held-out concept, seed 1, for the LoRA), and the autoencoder's images (seed 2,
-             all 7 colours: the VAE is a generic codec that must represent pink; only the DiT never sees it);
+1. data      the shapes datasets (trainer/datasets/shapes.py), fixed seeds: base (4 shapes, 6 colours,
+             3 backgrounds, seed 0; the VAE and the DiT train on it) and diamond-only (the held-out shape,
+             seed 1, for the LoRA);
 2. skeleton  the untrained model folder (trainer/recipes/skeleton.py): configs, tokenizers, random frozen
              text encoders;
 3. vae       `diffmesh train submit --launcher local` of a `component: vae`, `init: random` spec; wait;
 4. dit       the skeleton + the trained vae/ as base; a `mode: FULL`, `init: random`, caption-dropout spec;
 5. assemble  skeleton + vae/ + transformer/ -> `--out` (and `diffmesh.json`, the generation defaults);
-6. lora      a LoRA (rank 16) of the assembled model on the pink-only data -> `<out>/lora/pink.safetensors`.
+6. lora      a LoRA (rank 16) of the assembled model on the diamond-only data -> `<out>/lora/diamond.safetensors`.
+
+The held-out concept is a shape, not the colour "pink": the autoencoder trained on the base data decodes
+pink as red, so a new colour would need the VAE (and then the DiT) retrained on it; a new shape in known
+colours is within what the VAE can draw.
 
 The jobs run through the CLI exactly as a user would submit them (`diffmesh train status` is polled until the
 job ends). Specs, datasets, job outputs and logs go under `--work` (default `build/shapes`). The device is
@@ -36,7 +40,7 @@ from trainer.recipes.skeleton import Defaults, write_skeleton
 
 PHASES = ("data", "skeleton", "vae", "dit", "assemble", "lora")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-LORA_FILE = "lora/pink.safetensors"
+LORA_FILE = "lora/diamond.safetensors"
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,7 @@ class Recipe:
     """What is trained, with how much; the defaults are what shipped."""
 
     n_base: int = 12000
-    n_pink: int = 1500
-    n_vae: int = 8000
+    n_concept: int = 1500
     vae_steps: int = 3000
     vae_batch: int = 64
     vae_lr: float = 5e-4
@@ -53,7 +56,7 @@ class Recipe:
     dit_batch: int = 128
     dit_lr: float = 3e-4
     caption_dropout: float = 0.1
-    lora_steps: int = 1500
+    lora_steps: int = 1200
     lora_batch: int = 32
     lora_lr: float = 1e-3
     lora_rank: int = 16
@@ -130,8 +133,7 @@ def _fresh(path: Path) -> Path:
 
 def run(recipe: Recipe, out: Path, work: Path, phases: list[str]) -> dict[str, float]:
     r = recipe
-    data_base, data_pink = work / "data" / "base", work / "data" / "pink"
-    data_vae = work / "data" / "vae"
+    data_base, data_concept = work / "data" / "base", work / "data" / "diamond"
     skeleton, dit_base = work / "skeleton", work / "dit-base"
     runs = work / "runs"
     times: dict[str, float] = {}
@@ -141,27 +143,14 @@ def run(recipe: Recipe, out: Path, work: Path, phases: list[str]) -> dict[str, f
         if phase == "data":
             gen = [sys.executable, "-m", "trainer.datasets.shapes", "--resolution", "64"]
             _run([*gen, "--out", str(_fresh(data_base)), "--n", str(r.n_base), "--seed", "0"])
-            pink = ["--concept", "pink", "--only-concept"]
-            _run([*gen, "--out", str(_fresh(data_pink)), "--n", str(r.n_pink), "--seed", "1", *pink])
-            # the autoencoder is a generic image codec: it sees every colour (pink too, captions unused);
-            # only the text-to-image model (the DiT) never sees pink
-            _run(
-                [
-                    *gen,
-                    "--out",
-                    str(_fresh(data_vae)),
-                    "--n",
-                    str(r.n_vae),
-                    "--seed",
-                    "2",
-                    "--concept",
-                    "pink",
-                ]
-            )
+            concept = ["--concept", "diamond", "--only-concept"]
+            _run([*gen, "--out", str(_fresh(data_concept)), "--n", str(r.n_concept), "--seed", "1", *concept])
         elif phase == "skeleton":
             write_skeleton(_fresh(skeleton), seed=r.seed, defaults=r.defaults)
         elif phase == "vae":
-            spec = _spec("shapes-vae", skeleton, data_vae, _fresh(runs / "vae"), component="vae", mode="FULL")
+            spec = _spec(
+                "shapes-vae", skeleton, data_base, _fresh(runs / "vae"), component="vae", mode="FULL"
+            )
             spec.update(init="random", steps=r.vae_steps, batchSize=r.vae_batch, learningRate=r.vae_lr)
             spec.update(seed=r.seed, checkpointEvery=max(1, r.vae_steps // 4))
             submit_and_wait(spec, work)
@@ -179,12 +168,12 @@ def run(recipe: Recipe, out: Path, work: Path, phases: list[str]) -> dict[str, f
             shutil.copytree(dit_base, out, ignore=shutil.ignore_patterns("transformer"))
             shutil.copytree(runs / "dit" / "transformer", out / "transformer")
         elif phase == "lora":
-            spec = _spec("shapes-pink-lora", out, data_pink, _fresh(runs / "pink"), mode="LORA")
+            spec = _spec("shapes-diamond-lora", out, data_concept, _fresh(runs / "diamond"), mode="LORA")
             spec.update(steps=r.lora_steps, batchSize=r.lora_batch, learningRate=r.lora_lr, seed=r.seed)
             spec.update(lora={"rank": r.lora_rank}, checkpointEvery=r.lora_steps)
             submit_and_wait(spec, work)
             (out / LORA_FILE).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(runs / "pink" / "pytorch_lora_weights.safetensors", out / LORA_FILE)
+            shutil.copyfile(runs / "diamond" / "pytorch_lora_weights.safetensors", out / LORA_FILE)
         else:
             raise SystemExit(f"unknown phase {phase!r}; phases: {list(PHASES)}")
         times[phase] = time.perf_counter() - started

@@ -14,16 +14,17 @@ from orchestrator.eval.shapes import Prediction, classify, contact_sheet, run_ev
 from trainer.datasets.shapes import CONCEPT, eval_prompts, render_prompt, samples
 
 
+@pytest.mark.parametrize("concept", ["pink", CONCEPT])
 @pytest.mark.parametrize(("resolution", "n"), [(64, 400), (128, 200)])
-def test_classifier_reads_the_generators_images(resolution, n):
+def test_classifier_reads_the_generators_images(resolution, n, concept):
     errors, seen = Counter(), Counter()
-    for img, lb in samples(n, seed=11, resolution=resolution, concept=CONCEPT):
+    for img, lb in samples(n, seed=11, resolution=resolution, concept=concept):
         got = classify(img)
         seen[lb.shape] += 1
         seen[lb.colour] += 1
         for attr in ("shape", "colour", "background"):
             errors[attr] += getattr(got, attr) != getattr(lb, attr)
-    assert seen[CONCEPT] > 0 and all(seen[s] > 0 for s in ("circle", "square", "triangle", "cross"))
+    assert seen[concept] > 0 and all(seen[s] > 0 for s in ("circle", "square", "triangle", "cross"))
     for attr in ("shape", "colour", "background"):
         assert errors[attr] / n <= 0.01, (attr, errors)
 

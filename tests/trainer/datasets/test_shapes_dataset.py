@@ -29,6 +29,8 @@ from trainer.datasets.shapes import (
     write_dataset,
 )
 
+PINK = "pink"  # the held-out colour (the shipped LoRA teaches the held-out shape, CONCEPT)
+
 
 def test_same_seed_same_dataset_and_prefixes_do_not_depend_on_n():
     a = [(np.asarray(im), lb) for im, lb in samples(12, seed=3)]
@@ -64,8 +66,8 @@ def test_images_are_antialiased_at_the_asked_resolution():
 
 @pytest.mark.parametrize("template", range(len(TEMPLATES)))
 def test_every_template_parses_back(template):
-    for shape in SHAPES:
-        for colour in (*COLOURS, CONCEPT):
+    for shape in (*SHAPES, CONCEPT):
+        for colour in (*COLOURS, PINK):
             text = caption(shape, colour, "grey", template)
             assert parse_caption(text) == (shape, colour, "grey"), text
     assert caption("circle", "orange", "white") == "an orange circle on a white background"
@@ -78,13 +80,17 @@ def test_unparseable_captions_raise(text):
         parse_caption(text)
 
 
-def test_the_concept_is_held_out_unless_asked_for():
-    base = Counter(lb.colour for _, lb in samples(300, seed=0))
-    assert CONCEPT not in base
-    mixed = Counter(lb.colour for _, lb in samples(300, seed=0, concept=CONCEPT))
-    assert mixed[CONCEPT] > 20 and len(mixed) == len(COLOURS) + 1
-    only = Counter(lb.colour for _, lb in samples(50, seed=0, concept=CONCEPT, only_concept=True))
-    assert only == {CONCEPT: 50}
+def test_the_concepts_are_held_out_unless_asked_for():
+    base = list(samples(300, seed=0))
+    assert PINK not in {lb.colour for _, lb in base} and CONCEPT not in {lb.shape for _, lb in base}
+    mixed = Counter(lb.colour for _, lb in samples(300, seed=0, concept=PINK))
+    assert mixed[PINK] > 20 and len(mixed) == len(COLOURS) + 1
+    only = Counter(lb.colour for _, lb in samples(50, seed=0, concept=PINK, only_concept=True))
+    assert only == {PINK: 50}
+    shapes_mixed = Counter(lb.shape for _, lb in samples(300, seed=0, concept=CONCEPT))
+    assert shapes_mixed[CONCEPT] > 20 and len(shapes_mixed) == len(SHAPES) + 1
+    only_shape = Counter(lb.shape for _, lb in samples(50, seed=0, concept=CONCEPT, only_concept=True))
+    assert only_shape == {CONCEPT: 50}
     with pytest.raises(ValueError, match="only_concept needs a concept"):
         next(samples(1, seed=0, only_concept=True))
     with pytest.raises(ValueError, match="known"):
@@ -102,7 +108,10 @@ def test_eval_prompts_are_fixed_and_balanced():
     for colour in COLOURS:  # every colour meets every background
         assert {b for _, c, b in parsed if c == colour} == set(BACKGROUNDS)
     concept = eval_prompts("concept")
-    assert len(concept) == 12 and {parse_caption(p)[1] for p in concept} == {CONCEPT}
+    assert len(concept) == 12 and {parse_caption(p)[0] for p in concept} == {CONCEPT}
+    assert {parse_caption(p)[1] for p in concept} == set(COLOURS)
+    pink = eval_prompts("pink")
+    assert len(pink) == 12 and {parse_caption(p)[1] for p in pink} == {PINK}
     with pytest.raises(ValueError, match="prompt set"):
         eval_prompts("all")
 
@@ -136,10 +145,14 @@ def test_write_dataset_to_a_folder_in_the_trainers_layout(tmp_path: Path, capsys
 
 
 def test_lora_dataset_holds_only_the_concept(tmp_path: Path):
-    labels = write_dataset(tmp_path / "pink", n=8, seed=0, concept=CONCEPT, only_concept=True)
-    assert {lb.colour for lb in labels} == {CONCEPT}
+    labels = write_dataset(tmp_path / "pink", n=8, seed=0, concept=PINK, only_concept=True)
+    assert {lb.colour for lb in labels} == {PINK}
     info = json.loads((tmp_path / "pink" / "dataset.json").read_text())
-    assert info["colours"] == [CONCEPT] and info["only_concept"] is True
+    assert info["colours"] == [PINK] and info["only_concept"] is True
+    labels = write_dataset(tmp_path / "diamond", n=8, seed=0, concept=CONCEPT, only_concept=True)
+    assert {lb.shape for lb in labels} == {CONCEPT}
+    info = json.loads((tmp_path / "diamond" / "dataset.json").read_text())
+    assert info["shapes"] == [CONCEPT] and info["colours"] == list(COLOURS)
 
 
 @pytest.mark.parametrize(
