@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from bench import flux_denoiser, store_throughput
+from bench import denoiser_step, flux_denoiser, store_throughput
 
 
 def machine() -> dict:
@@ -32,10 +32,12 @@ def main() -> int:
         "machine": machine(),
         "store_throughput": store_throughput.run(),
         "flux_denoiser": flux_denoiser.run(),
+        "denoiser_step_ratio": denoiser_step.run(),
     }
     out = Path(__file__).with_name("results.json")
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+    print(denoiser_step.table(results["denoiser_step_ratio"]))
     print(f"wrote {out}")
     return 0
 

@@ -5,10 +5,19 @@ Matches diffusers' FluxPipeline / FluxImg2ImgPipeline step for step:
 - img_ids (L, 3) = (0, row, col) per token, txt_ids zeros; image_seq_len = (H/16)*(W/16) sets the shift;
 - timestep `(sigma*1000).expand(B).to(dtype) / 1000`, distilled guidance embedded when the model has it.
 Conditioning: positive/negative "prompt_embeds" (P, L, 4096 for T5-XXL) and "pooled_prompt_embeds" (P, 768).
+
+Speed switches, read from the environment when the adapter is built (each "0" or "1", default "0"):
+- `DIFFMESH_BATCHED_CFG=1`: true CFG as one forward of batch 2B (uncond first) instead of two calls. Equal to the
+  two calls up to float rounding (not bit for bit, so off by default: FluxPipeline makes two calls). On a CPU it
+  gains nothing (the GEMMs are already large); it is for GPUs.
+- `DIFFMESH_COMPILE=1`: `torch.compile` each double / single block (compiled on the first request, per shape).
+  On the CPU it is slower than our eager kernels (inductor picks MKL GEMMs and the flash kernel), and the LoRA
+  hooks on every Linear break its graphs: for GPUs. `bench/denoiser_step.py` measures both.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import lru_cache
@@ -27,6 +36,7 @@ from services.denoiser.inputs import DenoiseInputs
 from services.denoiser.loop import OnStep
 from services.denoiser.lora import LoraManager
 from services.denoiser.models.flux import Flux, FluxParams
+from services.denoiser.sampling.guidance import batched_cfg_model, cfg
 from services.denoiser.sampling.schedules import (
     FLUX_DEV_SCHEDULER,
     FLUX_SCHNELL_SCHEDULER,
@@ -38,6 +48,15 @@ from services.denoiser.sampling.schedules import (
 
 MULTIPLE = 16  # VAE factor 8 x patch 2
 DEFAULT_GUIDANCE = 3.5
+PER_SAMPLE = ("txt", "y", "guidance")  # conditioning with a batch dimension; the rest is shared across it
+
+
+def env_flag(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """A "0" / "1" switch from the environment (unset = "0"); anything else is a `ValueError` naming it."""
+    value = (os.environ if env is None else env).get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 @lru_cache(maxsize=16)
@@ -64,13 +83,27 @@ def unpack(x: Tensor, h: int, w: int) -> Tensor:
 
 
 class FluxAdapter:
-    def __init__(self, model: Flux, scheduler: SchedulerConfig, device: torch.device, source: str) -> None:
+    def __init__(
+        self,
+        model: Flux,
+        scheduler: SchedulerConfig,
+        device: torch.device,
+        source: str,
+        *,
+        batched_cfg: bool | None = None,
+        compile_blocks: bool | None = None,
+    ) -> None:
+        """`batched_cfg` / `compile_blocks` None: from `DIFFMESH_BATCHED_CFG` / `DIFFMESH_COMPILE`."""
         self.model = model.to(device).eval()
         self.params: FluxParams = model.params
         self.scheduler = scheduler
         self.device = device
         self.dtype = model.img_in.weight.dtype
         self.source = source
+        self.batched_cfg = env_flag("DIFFMESH_BATCHED_CFG") if batched_cfg is None else batched_cfg
+        if env_flag("DIFFMESH_COMPILE") if compile_blocks is None else compile_blocks:
+            for block in (*self.model.double_blocks, *self.model.single_blocks):
+                block.compile(dynamic=False)
         self.lora = LoraManager(self.model, convert=flux_lora_deltas)
 
     # -- geometry ------------------------------------------------------------------------------------
@@ -146,11 +179,14 @@ class FluxAdapter:
         if repeat < 1:
             raise InvalidArgument(f"{txt.shape[0]} prompt embeddings do not divide the batch of {batch}")
         h, w = self.latent_size(inputs)
+        img_ids = image_ids(h // 2, w // 2).to(self.device)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
         cond: dict[str, Any] = {
             "txt": txt.to(self.device, self.dtype).repeat_interleave(repeat, dim=0),
             "y": vec.to(self.device, self.dtype).repeat_interleave(repeat, dim=0),
-            "img_ids": image_ids(h // 2, w // 2).to(self.device),
-            "txt_ids": torch.zeros(txt.shape[1], 3, device=self.device),
+            "img_ids": img_ids,
+            "txt_ids": txt_ids,
+            "pe": self.model.position_embedding(img_ids, txt_ids),  # once per request, not per step
             "guidance": None,
         }
         if p.guidance_embed:
@@ -168,6 +204,24 @@ class FluxAdapter:
             timesteps=t,
             y=cond["y"],
             guidance=cond["guidance"],
+            pe=cond["pe"],
+        )
+
+    def guided_velocity(
+        self, x: Tensor, sigma: Tensor, positive: Mapping[str, Any], negative: Mapping[str, Any], scale: float
+    ) -> Tensor:
+        """True CFG `cfg(v(x | positive), v(x | negative), scale)` as one forward of batch 2B (uncond first).
+        Prompts of different token counts cannot share a batch: then two calls, the same result."""
+        if positive["txt"].shape != negative["txt"].shape:
+            return cfg(self.velocity(x, sigma, positive), self.velocity(x, sigma, negative), scale)
+        shared = {k: v for k, v in positive.items() if k not in PER_SAMPLE}
+        guided = batched_cfg_model(lambda x, sigma, **c: self.velocity(x, sigma, c), scale)
+        return guided(
+            x,
+            sigma,
+            cond={k: positive[k] for k in PER_SAMPLE},
+            uncond={k: negative[k] for k in PER_SAMPLE},
+            **shared,
         )
 
     def denoise(self, inputs: DenoiseInputs, on_step: OnStep, is_cancelled: Callable[[], bool]) -> dict:

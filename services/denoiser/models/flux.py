@@ -23,6 +23,7 @@ from services.denoiser.models.flux_layers import (
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
+    Linear,
     MLPEmbedder,
     Rope,
     SingleStreamBlock,
@@ -119,11 +120,11 @@ class Flux(nn.Module):
         self.hidden_size = params.hidden_size
         self.num_heads = params.num_heads
         self.pe_embedder = EmbedND(dim=head_dim, theta=params.theta, axes_dim=params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self.img_in = Linear(params.in_channels, params.hidden_size, bias=True)
         self.time_in = MLPEmbedder(in_dim=256, hidden_dim=params.hidden_size)
         self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
         self.guidance_in = MLPEmbedder(256, params.hidden_size) if params.guidance_embed else None
-        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
+        self.txt_in = Linear(params.context_in_dim, params.hidden_size)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
             for _ in range(params.depth)
@@ -135,7 +136,13 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(params.hidden_size, params.out_channels)
 
     def position_embedding(self, img_ids: Tensor, txt_ids: Tensor) -> Rope:
-        """RoPE for the joint `[txt, img]` sequence; cached while the ids stay the same."""
+        """RoPE for the joint `[txt, img]` sequence: complex64 `(B | 1, Lt + Li, 1, Dh / 2)`.
+
+        ids `(L, n_axes)` or `(B | 1, L, n_axes)`. The ids are the same at every step of a request: compute this
+        once and pass it to each `forward(..., pe=pe)` (the FLUX adapter does); `forward` without `pe` calls it.
+        """
+        img_ids = img_ids.unsqueeze(0) if img_ids.ndim == 2 else img_ids
+        txt_ids = txt_ids.unsqueeze(0) if txt_ids.ndim == 2 else txt_ids
         if img_ids.shape[0] != txt_ids.shape[0]:
             batch = max(img_ids.shape[0], txt_ids.shape[0])
             img_ids = img_ids.expand(batch, -1, -1)
@@ -154,6 +161,19 @@ class Flux(nn.Module):
         if timesteps.shape != (batch,):
             raise ValueError(f"timesteps must be ({batch},), got {tuple(timesteps.shape)}")
 
+    def _check_pe(self, pe: Tensor, batch: int, length: int) -> None:
+        want = (length, 1, self.hidden_size // self.num_heads // 2)
+        if (
+            pe.dtype != torch.complex64
+            or pe.ndim != 4
+            or pe.shape[0] not in (1, batch)
+            or pe.shape[1:] != want
+        ):
+            raise ValueError(
+                f"pe must be complex64 (1 | {batch}, {', '.join(map(str, want))}) from position_embedding, "
+                f"got {pe.dtype} {tuple(pe.shape)}"
+            )
+
     def forward(
         self,
         img: Tensor,
@@ -163,18 +183,23 @@ class Flux(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        pe: Rope | None = None,
     ) -> Tensor:
         """Velocity prediction `(B, L, C_out)` for packed latents `img (B, L, C_in)`.
 
         img_ids `(L, n_axes)` or `(B, L, n_axes)`; txt `(B, Lt, context_in_dim)` with txt_ids likewise;
         timesteps `(B,)` sigma in [0, 1]; y `(B, vec_in_dim)` pooled CLIP; guidance `(B,)` raw scale, required
-        exactly when `params.guidance_embed`.
+        exactly when `params.guidance_embed`; pe `position_embedding(img_ids, txt_ids)` when the caller keeps
+        it across steps (computed here otherwise).
         """
         self._check_inputs(img, txt, timesteps, y)
         n_axes = len(self.params.axes_dim)
         img_ids = _batched_ids(img_ids, "img_ids", img.shape[0], img.shape[1], n_axes)
         txt_ids = _batched_ids(txt_ids, "txt_ids", img.shape[0], txt.shape[1], n_axes)
-        pe = self.position_embedding(img_ids, txt_ids)
+        if pe is None:
+            pe = self.position_embedding(img_ids, txt_ids)
+        else:
+            self._check_pe(pe, img.shape[0], txt.shape[1] + img.shape[1])
 
         img = self.img_in(img)  # (B, Li, D)
         vec = self.time_in(timestep_embedding(timesteps).to(img.dtype))  # (B, D)
@@ -194,7 +219,11 @@ class Flux(nn.Module):
 
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
+        if not self.single_blocks:
+            return self.final_layer(img, vec)
         x = torch.cat((txt, img), dim=1)  # (B, Lt + Li, D)
-        for block in self.single_blocks:
+        *blocks, last = self.single_blocks
+        for block in blocks:
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)  # (B, Li, C_out)
+        img = last(x, vec, pe, start=txt.shape[1])  # (B, Li, D): the text tokens' outputs are never used
+        return self.final_layer(img, vec)  # (B, Li, C_out)
