@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from services.common.errors import DiffmeshError
@@ -29,7 +28,7 @@ from services.denoiser.sampling.schedules import (
 )
 from trainer.objective import flow_matching_loss, interpolate, sample_sigmas
 from trainer.spec import SpecError
-from trainer.storage import Storage
+from trainer.storage import Storage, write_weights
 
 NAME = "flux"
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5 (sequence)
@@ -40,7 +39,6 @@ COMPONENTS = (*TEXT_COMPONENTS, VAE_COMPONENT, DENOISER_COMPONENT)
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}  # as orchestrator.families.flux
 DEFAULTS_FILE = "diffmesh.json"
 TRAIN_GUIDANCE = 1.0
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def max_sequence_length(model_dir: Path) -> int:
@@ -206,9 +204,9 @@ def save_transformer(model: Flux, base: Component, storage: Storage, folder: str
     config: dict[str, Any] = dict(base.config)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = bfl_to_diffusers(state, source="trained model")
-    storage.write(f"{folder}/{WEIGHTS_NAME}", safetensors_bytes(weights, metadata={"format": "pt"}))
+    written = write_weights(storage, folder, weights)
     storage.write(f"{folder}/config.json", json.dumps(config, indent=2, sort_keys=True).encode())
-    return [f"{folder}/{WEIGHTS_NAME}", f"{folder}/config.json"]
+    return [*written, f"{folder}/config.json"]
 
 
 def drop_captions(

@@ -9,6 +9,7 @@ temporary file and renames it. Names are relative, '/'-separated paths under the
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 import time
@@ -18,9 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
+from safetensors.torch import save as safetensors_bytes
 
 from services.common.settings import S3Settings, Settings
 
@@ -240,3 +243,38 @@ def open_storage(uri: str, env: Mapping[str, str] | None = None, *, for_output: 
     if for_output:
         root.mkdir(parents=True, exist_ok=True)
     return LocalStorage(root)
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+MAX_SHARD_BYTES = 10 << 20  # keeps every file of a shipped model small enough for a git repository
+
+
+def write_weights(
+    storage: Storage, folder: str, weights: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
+    """A diffusers weights file in `folder`: one `diffusion_pytorch_model.safetensors`, or, above
+    `max_shard_bytes`, shards `diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the
+    `.safetensors.index.json` weight map diffusers' `from_pretrained` reads. Returns the names written."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        storage.write(f"{folder}/{WEIGHTS_NAME}", safetensors_bytes(weights, metadata={"format": "pt"}))
+        return [f"{folder}/{WEIGHTS_NAME}"]
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        storage.write(f"{folder}/{name}", safetensors_bytes(shard, metadata={"format": "pt"}))
+        names.append(f"{folder}/{name}")
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    storage.write(f"{folder}/{WEIGHTS_NAME}.index.json", json.dumps(index, indent=2).encode())
+    return [*names, f"{folder}/{WEIGHTS_NAME}.index.json"]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from services.common.errors import DiffmeshError
@@ -34,12 +33,11 @@ from services.vae.convert.flux import bfl_to_diffusers
 from services.vae.models.flux import LOGVAR_MAX, LOGVAR_MIN, AutoEncoder, AutoEncoderParams
 from trainer.data import FIELD, Item, load_pixels
 from trainer.spec import SpecError, TrainSpec
-from trainer.storage import Storage
+from trainer.storage import Storage, write_weights
 
 log = logging.getLogger(__name__)
 COMPONENT = "vae"
 FOLDER = "vae"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 KL_WEIGHT = 1e-4
 STATS_BATCH = 64
 
@@ -186,10 +184,10 @@ def save(model: AutoEncoder, storage: Storage, folder: str = FOLDER) -> list[str
     """A diffusers `AutoencoderKL` folder: config.json (with the model's normalisation) and the weights."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = bfl_to_diffusers(state)
-    storage.write(f"{folder}/{WEIGHTS_NAME}", safetensors_bytes(weights, metadata={"format": "pt"}))
+    written = write_weights(storage, folder, weights)
     config = diffusers_config(model.params)
     storage.write(f"{folder}/config.json", json.dumps(config, indent=2, sort_keys=True).encode())
-    return [f"{folder}/{WEIGHTS_NAME}", f"{folder}/config.json"]
+    return [*written, f"{folder}/config.json"]
 
 
 def calibrate(model: AutoEncoder, images: Images, device: torch.device) -> AutoEncoder:
