@@ -14,7 +14,8 @@ import torch
 
 from protos import common_pb2, tensor_pb2
 from services.common import metrics
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.memory import RESIDENT
 from services.common.models import Component, ModelCache, find_component, resolve_spec
 from services.common.settings import Settings
 from services.common.store import TensorStore, run_key
@@ -76,7 +77,16 @@ class StageRuntime:
         key = f"{component.path}|{component.class_name}"
 
         def load() -> Any:
-            model = loader(component, self.device)
+            if getattr(loader, "memory_aware", False):
+                model = loader(component, self.device, self.settings.memory)
+            elif self.settings.memory != RESIDENT:
+                raise FailedPrecondition(
+                    f"{self.stage}: {component.class_name} models load only in memory mode resident with the "
+                    f"checkpoint's dtype; this service is set to {self.settings.memory.describe()} "
+                    "(DIFFMESH_MEMORY_MODE, DIFFMESH_WEIGHT_DTYPE)"
+                )
+            else:
+                model = loader(component, self.device)
             label = _model_label(spec, path, component.path)
             self._loaded[key] = (label, metrics.model_loaded(self.stage, label, model))
             return model

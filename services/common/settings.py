@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.errors import InvalidArgument
+from services.common.memory import MemoryPlan
 
 MIB = 1 << 20
 
@@ -91,6 +92,7 @@ class Settings:
     max_concurrency: int = 4
     device: str = "auto"
     offline: bool = False  # no downloads from model hubs
+    memory: MemoryPlan = field(default_factory=MemoryPlan)  # resident / offload / sequential, weight dtype
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,4 +127,7 @@ class Settings:
             max_concurrency=_int(env, "DIFFMESH_MAX_CONCURRENCY", 4, lo=1),
             device=env.get("DIFFMESH_DEVICE", "auto"),
             offline=_bool(env, "DIFFMESH_OFFLINE", False),
+            memory=MemoryPlan.parse(
+                env.get("DIFFMESH_MEMORY_MODE", "resident"), env.get("DIFFMESH_WEIGHT_DTYPE", "auto")
+            ),
         )

@@ -36,6 +36,7 @@ class Adapter(Protocol):
     device: torch.device
     dtype: torch.dtype
     lora: Any  # a LoraManager: `.apply(loras, mode)` context manager
+    residency: Any  # a services.common.memory.Residency: `.active()` while the loop runs (memory modes)
     batched_cfg: bool  # true CFG as `guided_velocity` (one forward of 2B) instead of two `velocity` calls
 
     def check(self, inputs: DenoiseInputs) -> None: ...
@@ -114,7 +115,11 @@ def denoise(
 
     loras = [(Path(spec), scale) for spec, scale in inputs.loras]
     try:
-        with torch.inference_mode(), adapter.lora.apply(loras, mode=_lora_mode(inputs.lora_mode)):
+        with (
+            torch.inference_mode(),
+            adapter.residency.active(),
+            adapter.lora.apply(loras, mode=_lora_mode(inputs.lora_mode)),
+        ):
             x = sample_euler(model, x, sigmas, callback=callback, is_cancelled=is_cancelled)
     except SamplingCancelled as e:
         raise Cancelled(f"denoise cancelled at step {e.step} of {e.total}") from None

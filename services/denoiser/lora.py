@@ -41,7 +41,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 LoraMode = Literal["hot", "fused"]
 MODES: tuple[LoraMode, ...] = ("hot", "fused")
@@ -247,10 +247,11 @@ def _hot_hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> T
     return output
 
 
-def _plan(linear: nn.Linear, deltas: Sequence[tuple[LoraDelta, float]], dtype: torch.dtype) -> _Plan:
-    """Stack the deltas on one Linear (downs along the rank) and group their ups by row slice; on the weight's
-    device, in `dtype`."""
-    device = linear.weight.device
+def _plan(
+    linear: nn.Linear, deltas: Sequence[tuple[LoraDelta, float]], dtype: torch.dtype, device: torch.device
+) -> _Plan:
+    """Stack the deltas on one Linear (downs along the rank) and group their ups by row slice; on `device`, in
+    `dtype`."""
     by_rows: dict[tuple[int, int], list[tuple[LoraDelta, float]]] = {}
     for delta, scale in deltas:
         by_rows.setdefault(delta.rows or (0, linear.out_features), []).append((delta, scale))
@@ -296,7 +297,13 @@ class LoraManager:
         cache_size: int = DEFAULT_CACHE_SIZE,
         max_bytes: int = DEFAULT_MAX_LORA_BYTES,
         backup_device: str | torch.device | None = None,
+        compute_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        fused_refusal: str | None = None,
     ):
+        """`compute_dtype` / `device`: where hot deltas run (default: each weight's dtype and device; set them when
+        the weights are stored in another dtype or live elsewhere between requests). `fused_refusal`: why fused
+        mode is not possible for this model (its requests get FailedPrecondition with that reason)."""
         previous = _MANAGERS.get(model)
         if previous is not None:
             if previous.manager() is not None:
@@ -308,6 +315,9 @@ class LoraManager:
         self._cache_size = cache_size
         self._max_bytes = max_bytes
         self._backup_device = None if backup_device is None else torch.device(backup_device)
+        self._compute_dtype = compute_dtype
+        self._device = None if device is None else torch.device(device)
+        self._fused_refusal = fused_refusal
         self._modules = dict(model.named_modules())
         self._lock = ReadWriteLock()
         self._cache: OrderedDict[tuple[str, int, int], list[LoraDelta]] = OrderedDict()
@@ -387,8 +397,8 @@ class LoraManager:
         plan = {}
         for name, deltas in per_module.items():
             linear = self._modules[name]
-            dtype = linear.weight.dtype if dtype_of_weight else torch.float32
-            plan[linear] = _plan(linear, deltas, dtype)
+            dtype = (self._compute_dtype or linear.weight.dtype) if dtype_of_weight else torch.float32
+            plan[linear] = _plan(linear, deltas, dtype, self._device or linear.weight.device)
         return plan
 
     def _backup(self, rows: Tensor) -> tuple[Tensor, bool]:
@@ -429,6 +439,8 @@ class LoraManager:
                 finally:
                     _ACTIVE.reset(token)
             return
+        if self._fused_refusal:
+            raise FailedPrecondition(f"LoRA mode fused: {self._fused_refusal}")
         plans = self._plans(loras, dtype_of_weight=False)
         with self._lock.exclusive(timeout):
             saved: list[tuple[Tensor, int, int, Tensor, bool]] = []

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from services.common.errors import InvalidArgument
+from services.common.memory import RESIDENT, MemoryPlan, memory_aware
 from services.common.models import Component
 from services.common.runtime import Loader
 from services.denoiser.adapters import flux
@@ -29,7 +30,8 @@ def _keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def load_single_file(component: Component, device: torch.device):
+@memory_aware
+def load_single_file(component: Component, device: torch.device, memory: MemoryPlan = RESIDENT):
     """Tell the family of one original checkpoint file by its key names, then load it."""
     path = Path(component.path)
     keys = list(strip_prefix(dict.fromkeys(_keys(path))).keys())  # type: ignore[arg-type]
@@ -37,7 +39,7 @@ def load_single_file(component: Component, device: torch.device):
         detect_flux_layout(keys, source=str(path))
     except CheckpointLayoutError as e:
         raise InvalidArgument(f"not a checkpoint of a known family {SINGLE_FILE_FAMILIES}: {e}") from None
-    return flux.load_single_file(path, device)
+    return flux.load_single_file(path, device, memory)
 
 
 DENOISERS: dict[str, Loader] = {

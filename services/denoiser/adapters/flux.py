@@ -28,9 +28,26 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.memory import (
+    RESIDENT,
+    MemoryPlan,
+    Residency,
+    cast_state_dict,
+    is_float8,
+    memory_aware,
+    to_device,
+)
 from services.common.models import Component, load_state_dict, read_json, weight_files
+from services.common.streaming import BlockStreamer, SafetensorsIndex
 from services.denoiser import loop
-from services.denoiser.convert.flux import CheckpointLayoutError, load_flux_state_dict
+from services.denoiser.convert.flux import (
+    CheckpointLayoutError,
+    block_sources,
+    detect_flux_layout,
+    load_flux_state_dict,
+    strip_prefix,
+    to_bfl,
+)
 from services.denoiser.convert.flux_lora import flux_lora_deltas
 from services.denoiser.inputs import DenoiseInputs
 from services.denoiser.loop import OnStep
@@ -89,22 +106,37 @@ class FluxAdapter:
         scheduler: SchedulerConfig,
         device: torch.device,
         source: str,
+        residency: Residency | None = None,
+        dtype: torch.dtype | None = None,
         *,
         batched_cfg: bool | None = None,
         compile_blocks: bool | None = None,
     ) -> None:
         """`batched_cfg` / `compile_blocks` None: from `DIFFMESH_BATCHED_CFG` / `DIFFMESH_COMPILE`."""
-        self.model = model.to(device).eval()
+        self.model = model.eval()
+        self.residency = residency or Residency(model, device, RESIDENT)
         self.params: FluxParams = model.params
         self.scheduler = scheduler
         self.device = device
-        self.dtype = model.img_in.weight.dtype
+        self.dtype = dtype or model.img_in.weight.dtype  # the compute dtype (bfloat16 for float8 weights)
         self.source = source
         self.batched_cfg = env_flag("DIFFMESH_BATCHED_CFG") if batched_cfg is None else batched_cfg
         if env_flag("DIFFMESH_COMPILE") if compile_blocks is None else compile_blocks:
             for block in (*self.model.double_blocks, *self.model.single_blocks):
                 block.compile(dynamic=False)
-        self.lora = LoraManager(self.model, convert=flux_lora_deltas)
+        plan = self.residency.plan
+        fused_refusal = None
+        if plan.mode == "sequential":
+            fused_refusal = "memory mode sequential streams the weights: use lora_mode hot"
+        elif plan.weight_dtype is not None and is_float8(plan.weight_dtype):
+            fused_refusal = "float8 weights cannot take a LoRA in place: use lora_mode hot"
+        self.lora = LoraManager(
+            self.model,
+            convert=flux_lora_deltas,
+            compute_dtype=self.dtype,
+            device=device,
+            fused_refusal=fused_refusal,
+        )
 
     # -- geometry ------------------------------------------------------------------------------------
     def check(self, inputs: DenoiseInputs) -> None:
@@ -242,30 +274,102 @@ def _scheduler(model_dir: Path | None, params: FluxParams) -> SchedulerConfig:
         raise InvalidArgument(f"{path}: {e}") from None
 
 
-def _build(sd: dict[str, Tensor], axes_dim: tuple[int, ...] | None, source: str) -> Flux:
+def _model(params: FluxParams) -> Flux:
+    with torch.device("meta"):
+        model = Flux(params)
+    return model.requires_grad_(False).eval()
+
+
+def _checkpoint_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
+    return next(
+        t.dtype for k, t in sd.items() if k.endswith("img_in.weight") or k.endswith("x_embedder.weight")
+    )
+
+
+def _build(
+    files: Path | list[Path],
+    axes_dim: tuple[int, ...] | None,
+    source: str,
+    device: torch.device,
+    plan: MemoryPlan,
+) -> tuple[Flux, Residency, torch.dtype]:
+    """The model, where its weights live, and the compute dtype. `sequential`: only the non-block weights are
+    read now; each block is read from the files when it runs (services.common.streaming)."""
+    if plan.mode == "sequential":
+        return _build_streamed(files, axes_dim, source, device, plan)
+    sd = load_state_dict(files)
+    stored = _checkpoint_dtype(sd)
+    compute, storage = plan.compute_dtype(stored), plan.storage_dtype(stored)
     try:
         params, bfl = load_flux_state_dict(sd, axes_dim=axes_dim, source=source)
     except CheckpointLayoutError as e:
         raise InvalidArgument(str(e)) from None
-    with torch.device("meta"):
-        model = Flux(params)
-    model.load_state_dict(bfl, strict=True, assign=True)
-    return model
+    model = _model(params)
+    model.load_state_dict(cast_state_dict(bfl, storage, compute), strict=True, assign=True)
+    return model, Residency(model, device, plan), compute
 
 
-def load_hub(component: Component, device: torch.device) -> FluxAdapter:
+def _build_streamed(
+    files: Path | list[Path],
+    axes_dim: tuple[int, ...] | None,
+    source: str,
+    device: torch.device,
+    plan: MemoryPlan,
+) -> tuple[Flux, Residency, torch.dtype]:
+    index = SafetensorsIndex(files)
+    original = strip_prefix({k: k for k in index})  # stripped key -> key in the file
+    try:
+        layout = detect_flux_layout(original, source=source)
+        params, _ = load_flux_state_dict(index.meta(), axes_dim=axes_dim, source=source)  # shapes only
+    except CheckpointLayoutError as e:
+        raise InvalidArgument(str(e)) from None
+    meta = index.meta()
+    stored = _checkpoint_dtype({k: meta[v] for k, v in original.items()})
+    compute, storage = plan.compute_dtype(stored), plan.storage_dtype(stored)
+    top, per_block = block_sources(original)
+
+    def read(keys: list[str]) -> dict[str, Tensor]:
+        return to_bfl({k: index[original[k]] for k in keys}, layout, source=source)
+
+    model = _model(params)
+    missing, unexpected = model.load_state_dict(
+        cast_state_dict(read(top), storage, compute), strict=False, assign=True
+    )
+    blocks = [*model.double_blocks, *model.single_blocks]
+    names = [f"double_blocks.{i}" for i in range(params.depth)]
+    names += [f"single_blocks.{i}" for i in range(params.depth_single_blocks)]
+    not_blocks = [k for k in missing if not k.startswith(("double_blocks.", "single_blocks."))]
+    if unexpected or not_blocks or set(per_block) != set(names):
+        raise InvalidArgument(
+            f"{source}: cannot stream: missing {not_blocks[:4]}, unexpected {unexpected[:4]}"
+        )
+
+    def loader(name: str):
+        return lambda: {k.removeprefix(name + "."): v for k, v in read(per_block[name]).items()}
+
+    to_device(model, device)  # the non-block weights; blocks stay on the meta device until they run
+    streamer = BlockStreamer(blocks, [loader(n) for n in names], device, storage, compute)
+    return model, Residency(model, device, plan, streamer=streamer), compute
+
+
+@memory_aware
+def load_hub(component: Component, device: torch.device, memory: MemoryPlan = RESIDENT) -> FluxAdapter:
     """A diffusers `transformer/` folder (FluxTransformer2DModel): RoPE axes from its config.json."""
     axes = component.config.get("axes_dims_rope")
     if axes is None:
         raise NotFound(f"{component.path}/config.json has no axes_dims_rope")
-    model = _build(load_state_dict(weight_files(component.path)), tuple(axes), str(component.path))
-    return FluxAdapter(model, _scheduler(component.path.parent, model.params), device, str(component.path))
+    source = str(component.path)
+    model, residency, dtype = _build(weight_files(component.path), tuple(axes), source, device, memory)
+    return FluxAdapter(
+        model, _scheduler(component.path.parent, model.params), device, source, residency, dtype
+    )
 
 
-def load_single_file(path: Path, device: torch.device) -> FluxAdapter:
+@memory_aware
+def load_single_file(path: Path, device: torch.device, memory: MemoryPlan = RESIDENT) -> FluxAdapter:
     """An original `flux1-*.safetensors` (BFL keys, or diffusers keys in one file). FLUX.1's RoPE axes, unless
     a `<stem>.json` beside it gives `axes_dims_rope` (models of another head size)."""
     sidecar = path.with_suffix(".json")
     axes = read_json(sidecar).get("axes_dims_rope") if sidecar.is_file() else None
-    model = _build(load_state_dict(path), tuple(axes) if axes else None, str(path))
-    return FluxAdapter(model, _scheduler(None, model.params), device, str(path))
+    model, residency, dtype = _build(path, tuple(axes) if axes else None, str(path), device, memory)
+    return FluxAdapter(model, _scheduler(None, model.params), device, str(path), residency, dtype)

@@ -330,3 +330,35 @@ def bfl_to_diffusers(state_dict: Mapping[str, Tensor], *, source: str = "<state 
     if unknown:
         raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout): unknown keys {_names(unknown)}")
     return out
+
+
+_SOURCE_BLOCK = re.compile(
+    r"^(transformer_blocks|single_transformer_blocks|double_blocks|single_blocks)\.(\d+)\."
+)
+_NATIVE_BLOCK = {
+    "transformer_blocks": "double_blocks",
+    "single_transformer_blocks": "single_blocks",
+    "double_blocks": "double_blocks",
+    "single_blocks": "single_blocks",
+}
+
+
+def block_sources(keys: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split checkpoint keys (prefix already stripped, either layout) into the non-block keys and, per BFL block
+    (`"double_blocks.3"`), the keys it is made from: what streaming one block at a time needs to read."""
+    top: list[str] = []
+    blocks: dict[str, list[str]] = {}
+    for key in keys:
+        m = _SOURCE_BLOCK.match(key)
+        if m is None:
+            top.append(key)
+        else:
+            blocks.setdefault(f"{_NATIVE_BLOCK[m.group(1)]}.{m.group(2)}", []).append(key)
+    return top, blocks
+
+
+def to_bfl(
+    state_dict: Mapping[str, Tensor], layout: Layout, *, source: str = "<state dict>"
+) -> dict[str, Tensor]:
+    """Part of a checkpoint (prefix stripped; whole blocks) in `layout` -> BFL keys."""
+    return diffusers_to_bfl(state_dict, source=source) if layout == "diffusers" else dict(state_dict)

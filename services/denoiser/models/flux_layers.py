@@ -161,9 +161,13 @@ class Linear(nn.Linear):
     """`nn.Linear` (the same parameters, state-dict keys and hooks, so LoRAs apply as before) that runs through
     oneDNN on the CPU for float32 / bf16 inference. At FLUX sizes on this AVX-512 CPU (AMD) that is 10-15 %
     faster than the default float32 GEMM (MKL), and the same in bf16 (where PyTorch already calls oneDNN).
-    With autograd, autocast or torch.compile: `nn.Linear`."""
+    With autograd, autocast or torch.compile: `nn.Linear`. Weights stored in another dtype than the input's
+    (float8 storage) are cast to the input's for the call."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype != x.dtype:  # weights stored in another dtype (float8): computed in x's
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
         if (
             _ONEDNN_LINEAR is not None
             and x.device.type == "cpu"
