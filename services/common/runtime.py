@@ -7,15 +7,17 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from protos import common_pb2, tensor_pb2
 from services.common import metrics
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.memory import RESIDENT
+from services.common.memory import RESIDENT, Residency, is_float8
 from services.common.models import Component, ModelCache, find_component, resolve_spec
 from services.common.settings import Settings
 from services.common.store import TensorStore, run_key
@@ -39,10 +41,14 @@ class StageRuntime:
     def __init__(self, stage: str, settings: Settings, store: TensorStore) -> None:
         self.stage = stage
         self.settings = settings
+        self.memory = settings.memory_for(stage)
         self.store = store
         self.device = pick_device(settings.device)
         self.models: ModelCache[Any] = ModelCache(settings.model_cache_size, on_evict=self._evicted)
         self._loaded: dict[str, tuple[str, int]] = {}  # cache key -> (metrics label, bytes)
+        self._residency: dict[
+            str, Residency
+        ] = {}  # cache key -> placement, for loaders without a memory plan
 
     def resolve(self, spec: str) -> Path:
         """The local file or directory a model spec names (fetched into the cache when remote)."""
@@ -78,22 +84,49 @@ class StageRuntime:
 
         def load() -> Any:
             if getattr(loader, "memory_aware", False):
-                model = loader(component, self.device, self.settings.memory)
-            elif self.settings.memory != RESIDENT:
-                raise FailedPrecondition(
-                    f"{self.stage}: {component.class_name} models load only in memory mode resident with the "
-                    f"checkpoint's dtype; this service is set to {self.settings.memory.describe()} "
-                    "(DIFFMESH_MEMORY_MODE, DIFFMESH_WEIGHT_DTYPE)"
-                )
+                model = loader(component, self.device, self.memory)
             else:
                 model = loader(component, self.device)
+                self._place(key, component, model)
             label = _model_label(spec, path, component.path)
             self._loaded[key] = (label, metrics.model_loaded(self.stage, label, model))
             return model
 
         return self.models.get(key, load)
 
+    def _place(self, key: str, component: Component, model: Any) -> None:
+        """The service's memory plan for a loader that does not take one: its object's `.model` (an nn.Module)
+        is cast to the weight dtype (bf16 / fp16 / fp32; its `.dtype`, which inputs are cast to, follows) and
+        kept on the host between calls in offload mode (`active()`). Sequential and float8 need a loader of
+        their own (the denoiser's)."""
+        plan = self.memory
+        if plan == RESIDENT:
+            return
+        module = getattr(model, "model", None)
+        dtype = plan.weight_dtype
+        if not isinstance(module, nn.Module) or plan.mode == "sequential" or (dtype and is_float8(dtype)):
+            raise FailedPrecondition(
+                f"{self.stage}: {component.class_name or 'this'} model at {component.path} loads in memory mode "
+                f"resident or offload with float32 / bfloat16 / float16 weights; this service is set to "
+                f"{plan.describe()} (DIFFMESH_MEMORY_MODE / DIFFMESH_WEIGHT_DTYPE, or per stage "
+                f"DIFFMESH_{self.stage.upper()}_MEMORY_MODE / _WEIGHT_DTYPE)"
+            )
+        if dtype is not None:
+            module.to(dtype)
+            if hasattr(model, "dtype"):
+                model.dtype = dtype
+        self._residency[key] = Residency(module, self.device, plan)
+
+    def active(self, model: Any) -> AbstractContextManager:
+        """Wrap each use of a loaded model: in offload mode its weights are on the device only meanwhile."""
+        module = getattr(model, "model", None)
+        for residency in list(self._residency.values()):
+            if module is not None and module is residency.module:
+                return residency.active()
+        return nullcontext()
+
     def _evicted(self, key: str, _model: Any) -> None:
+        self._residency.pop(key, None)
         label, nbytes = self._loaded.pop(key, ("", 0))
         if label:
             metrics.model_evicted(self.stage, label, nbytes)

@@ -65,6 +65,21 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise InvalidArgument(f"{name}={raw!r} is not a boolean (1/0, true/false)")
 
 
+STAGES = ("text_encoder", "denoiser", "vae", "audio")
+
+
+def _stage_memory(env: Mapping[str, str], mode: str, dtype: str) -> tuple[tuple[str, MemoryPlan], ...]:
+    out = []
+    for stage in STAGES:
+        prefix = f"DIFFMESH_{stage.upper()}_"
+        if f"{prefix}MEMORY_MODE" in env or f"{prefix}WEIGHT_DTYPE" in env:
+            plan = MemoryPlan.parse(
+                env.get(f"{prefix}MEMORY_MODE", mode), env.get(f"{prefix}WEIGHT_DTYPE", dtype)
+            )
+            out.append((stage, plan))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str = "127.0.0.1:8333"  # host:port
@@ -93,6 +108,11 @@ class Settings:
     device: str = "auto"
     offline: bool = False  # no downloads from model hubs
     memory: MemoryPlan = field(default_factory=MemoryPlan)  # resident / offload / sequential, weight dtype
+    stage_memory: tuple[tuple[str, MemoryPlan], ...] = ()  # per-stage overrides (one process running all)
+
+    def memory_for(self, stage: str) -> MemoryPlan:
+        """`DIFFMESH_<STAGE>_MEMORY_MODE` / `_WEIGHT_DTYPE` where set, else the service-wide plan."""
+        return dict(self.stage_memory).get(stage, self.memory)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +131,8 @@ class Settings:
             timeout_s=_float(env, "DIFFMESH_S3_TIMEOUT_S", S3Settings.timeout_s, lo=0.001),
             retries=_int(env, "DIFFMESH_S3_RETRIES", S3Settings.retries),
         )
+        dtype = env.get("DIFFMESH_WEIGHT_DTYPE", "auto")
+        memory = MemoryPlan.parse(env.get("DIFFMESH_MEMORY_MODE", "resident"), dtype)
         roots = tuple(
             Path(p).expanduser() for p in env.get("DIFFMESH_MODEL_ROOTS", "").split(os.pathsep) if p
         )
@@ -127,7 +149,6 @@ class Settings:
             max_concurrency=_int(env, "DIFFMESH_MAX_CONCURRENCY", 4, lo=1),
             device=env.get("DIFFMESH_DEVICE", "auto"),
             offline=_bool(env, "DIFFMESH_OFFLINE", False),
-            memory=MemoryPlan.parse(
-                env.get("DIFFMESH_MEMORY_MODE", "resident"), env.get("DIFFMESH_WEIGHT_DTYPE", "auto")
-            ),
+            memory=memory,
+            stage_memory=_stage_memory(env, memory.mode, dtype),
         )

@@ -110,7 +110,8 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             if not set(enc.outputs) & set(wanted):
                 continue
             text = prompts_2 if folder in SECOND_PROMPT_FOLDERS else prompts
-            result = enc.encode(text, max_sequence_length=max_len)
+            with self.rt.active(enc):
+                result = enc.encode(text, max_sequence_length=max_len)
             outputs.update({k: v for k, v in result.outputs.items() if k in wanted})
             counts = [max(a, b) for a, b in zip(counts, result.token_counts, strict=True)]
             truncated = [a or b for a, b in zip(truncated, result.truncated, strict=True)]

@@ -76,7 +76,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         pixels = torch.stack(images)  # (B, 3, H, W) or (B, 3, F, H, W)
         vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
         generator = torch.Generator("cpu").manual_seed(request.seed) if request.sample else None
-        latents = vae.encode(pixels, sample=request.sample, generator=generator, tiling=request.tiling)
+        with self.rt.active(vae):
+            latents = vae.encode(pixels, sample=request.sample, generator=generator, tiling=request.tiling)
         return vae_pb2.VaeEncodeResponse(
             latents=self.rt.output(rid, request.name or "latents", latents), timing=self.rt.timing(started)
         )
@@ -91,7 +92,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                 f"latents: expected (B, C, H, W) or (B, C, F, H, W), got {list(latents.shape)}"
             )
         vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
-        pixels = vae.decode(latents, tiling=request.tiling)
+        with self.rt.active(vae):
+            pixels = vae.decode(latents, tiling=request.tiling)
         resp = vae_pb2.VaeDecodeResponse(pixels=self.rt.output(rid, "pixels", pixels, inline=False))
         fmt = request.output_format
         if pixels.ndim == 4 and fmt in (vae_pb2.OUTPUT_FORMAT_UNSPECIFIED, vae_pb2.OUTPUT_FORMAT_PNG):

@@ -53,3 +53,11 @@ def test_offload_on_a_cpu_keeps_weights_in_place():
         assert model.weight.data_ptr() == before
     with pytest.raises(ValueError, match="needs a streamer"):
         Residency(model, torch.device("cpu"), MemoryPlan("sequential"))
+
+
+def test_per_stage_overrides():
+    s = Settings.from_env({"DIFFMESH_WEIGHT_DTYPE": "bf16", "DIFFMESH_DENOISER_MEMORY_MODE": "sequential"})
+    assert s.memory_for("denoiser") == MemoryPlan("sequential", torch.bfloat16)
+    assert s.memory_for("vae") == MemoryPlan("resident", torch.bfloat16)
+    with pytest.raises(InvalidArgument, match="'f4'"):
+        Settings.from_env({"DIFFMESH_VAE_WEIGHT_DTYPE": "f4"})
