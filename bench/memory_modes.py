@@ -2,7 +2,7 @@
 
 - `peak_rss`: a FLUX-shaped transformer of ~2 GB (float32, random weights, hidden 1024, 8 double + 12 single
   blocks) saved as a diffusers `transformer/` folder; for each memory mode a fresh process loads it and runs
-  one 2-step denoise at 256x256 (256 image + 64 text tokens), and reports its peak RSS (`ru_maxrss`). Also the
+  one 2-step denoise at 256x256 (256 image + 64 text tokens), and reports its peak RSS (VmHWM). Also the
   RSS of a process that imported the same modules but loaded nothing (`baseline`). `ratio` = mode / resident
   (whole-process figures), `net_ratio` the same above the baseline.
 - `cold_start`: a ~1 GB checkpoint (the same shape, 4 + 6 blocks); the time from launching
@@ -48,7 +48,7 @@ def write_checkpoint(folder: Path, layers: int, single_layers: int) -> int:
 
 
 _CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from services.common.memory import MemoryPlan
 from services.common.models import find_component
 from services.denoiser.registry import DENOISERS
@@ -73,7 +73,9 @@ if mode != "baseline":
     seconds = time.perf_counter() - t0
 else:
     seconds = 0.0
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds}))
+# VmHWM: this process image's peak (ru_maxrss would carry the parent's peak across fork + exec)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": hwm / 1024, "seconds": seconds}))
 """
 
 

@@ -89,15 +89,20 @@ def memory_aware(loader: F) -> F:
     return loader
 
 
-def cast_tensor(name: str, tensor: torch.Tensor, storage: torch.dtype, compute: torch.dtype) -> torch.Tensor:
-    """One weight in its storage dtype: float8 only for 2-D `*.weight` matrices (Linear weights), the other
+def storage_dtype_for(
+    name: str, ndim: int, dtype: torch.dtype, storage: torch.dtype, compute: torch.dtype
+) -> torch.dtype:
+    """The dtype a weight is kept in: float8 only for 2-D `*.weight` matrices (Linear weights), the other
     floating tensors in the compute dtype; integer tensors unchanged."""
-    if not tensor.is_floating_point():
-        return tensor
+    if not dtype.is_floating_point:
+        return dtype
     if is_float8(storage):
-        target = storage if tensor.ndim == 2 and name.endswith("weight") else compute
-    else:
-        target = storage
+        return storage if ndim == 2 and name.endswith("weight") else compute
+    return storage
+
+
+def cast_tensor(name: str, tensor: torch.Tensor, storage: torch.dtype, compute: torch.dtype) -> torch.Tensor:
+    target = storage_dtype_for(name, tensor.ndim, tensor.dtype, storage, compute)
     return tensor if tensor.dtype == target else tensor.to(target)
 
 

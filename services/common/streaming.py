@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from services.common.errors import InvalidArgument
-from services.common.memory import cast_state_dict
+from services.common.memory import storage_dtype_for
 
 DTYPES = {
     "F64": torch.float64,
@@ -125,6 +125,30 @@ class SafetensorsIndex(Mapping[str, torch.Tensor]):
             flat = torch.empty(0, dtype=torch.uint8)
         return flat.view(e.dtype).reshape(e.shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key].dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def nbytes(self, key: str) -> int:
+        e = self._entries[key]
+        return e.end - e.start
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor into `out` (a contiguous CPU tensor: the tensor's own shape and dtype, or a uint8
+        buffer at least its size); returns the tensor as a view of `out`."""
+        e = self._entries[key]
+        n = e.end - e.start
+        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() < n:
+            raise ValueError(f"read_into {key!r}: needs a contiguous CPU buffer of {n} bytes")
+        flat = out.reshape(-1).view(torch.uint8)[:n]
+        if n:
+            got = os.preadv(e.fd, [memoryview(flat.numpy())], e.start)
+            if got != n:
+                raise InvalidArgument(f"tensor {key!r}: short read ({got} of {n} bytes)")
+        return flat.view(e.dtype).reshape(e.shape)
+
     def meta(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor (shape and dtype, no data): enough to infer and check a layout."""
         return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self._entries.items()}
@@ -133,7 +157,9 @@ class SafetensorsIndex(Mapping[str, torch.Tensor]):
         return {k: self[k] for k in keys}
 
 
-BlockLoader = Callable[[], dict[str, torch.Tensor]]
+# A block's weights: block-relative name -> (shape, the checkpoint keys concatenated along dim 0 to make it).
+BlockLayout = dict[str, tuple[tuple[int, ...], list[str]]]
+ALIGN = 64
 
 
 def _drop(module: nn.Module) -> None:
@@ -149,66 +175,97 @@ def _assign(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     params = dict(module.named_parameters())
     if set(params) != set(state_dict):
         missing, extra = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
-        raise InvalidArgument(
-            f"streamed block weights do not fit: missing {missing[:4]}, unexpected {extra[:4]}"
-        )
+        raise InvalidArgument(f"streamed block weights do not fit: missing {missing[:4]}, unexpected {extra[:4]}")
     for name, tensor in state_dict.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         old = owner._parameters[leaf]
         if tuple(tensor.shape) != tuple(old.shape):
-            raise InvalidArgument(
-                f"streamed weight {name}: shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
-            )
+            raise InvalidArgument(f"streamed weight {name}: shape {tuple(tensor.shape)}, expected {tuple(old.shape)}")
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
 class BlockStreamer:
-    """Hooks that load each block's weights (`loaders[i]()`, block-relative names) before it runs, in the
-    storage dtype on the device, and drop them after. The next block is read in a background thread meanwhile,
-    so at most two blocks are in memory. Blocks must run in order; one forward at a time (see Residency)."""
+    """Hooks that give each block its weights just before it runs and drop them after.
+
+    A block's weights are read from the checkpoint (`index`) straight into one of two slot buffers allocated
+    once (the size of the largest block in the storage dtype): fused tensors are filled part by part at their
+    rows, conversions to the storage dtype go through one staging buffer. Reads alternate between the slots: the
+    next block is read into the other slot in a background thread while the current one computes, so memory
+    holds two blocks and nothing is allocated per step. Blocks must run in order, one forward at a time (see Residency)."""
 
     def __init__(
         self,
         blocks: Sequence[nn.Module],
-        loaders: Sequence[BlockLoader],
+        layouts: Sequence[BlockLayout],
+        index: SafetensorsIndex,
         device: torch.device,
         storage: torch.dtype,
         compute: torch.dtype,
         *,
         prefetch: bool = True,
     ) -> None:
-        if len(blocks) != len(loaders):
-            raise ValueError(f"{len(blocks)} blocks but {len(loaders)} loaders")
-        self.blocks = list(blocks)
-        self.loaders = list(loaders)
+        if len(blocks) != len(layouts):
+            raise ValueError(f"{len(blocks)} blocks but {len(layouts)} layouts")
+        self.blocks, self.layouts, self.index = list(blocks), list(layouts), index
         self.device = torch.device(device)
         self.storage, self.compute = storage, compute
+        self._plans = [self._plan(layout) for layout in self.layouts]
+        slot_bytes = max(size for _, size in self._plans)
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        staging = max(index.nbytes(k) for layout in self.layouts for _, keys in layout.values() for k in keys)
+        self._staging = torch.empty(staging, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream") if prefetch else None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
         self.loads = 0  # blocks read so far (for tests and metrics)
+        self._reads = 0
         self._handles: list[RemovableHandle] = []
         for i, block in enumerate(self.blocks):
             _drop(block)
             self._handles.append(block.register_forward_pre_hook(self._before(i)))
             self._handles.append(block.register_forward_hook(self._after))
 
+    def _plan(self, layout: BlockLayout) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype, int]], int]:
+        """(name, shape, dtype, byte offset in the slot) per tensor, and the slot bytes the block needs."""
+        out, offset = [], 0
+        for name, (shape, keys) in layout.items():
+            src = self.index.dtype(keys[0])
+            dtype = storage_dtype_for(name, len(shape), src, self.storage, self.compute)
+            out.append((name, shape, dtype, offset))
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            offset += -(-n // ALIGN) * ALIGN
+        return out, offset
+
     def _read(self, i: int) -> dict[str, torch.Tensor]:
-        sd = cast_state_dict(self.loaders[i](), self.storage, self.compute)
-        pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in sd.items()}
+        slot = self._slots[self._reads % 2]  # reads alternate, strictly one after the other
+        self._reads += 1
+        tensors = {}
+        for name, shape, dtype, offset in self._plans[i][0]:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            target = slot[offset : offset + n].view(dtype).reshape(shape)
+            row = 0
+            for key in self.layouts[i][name][1]:
+                piece_shape = self.index.shape(key)
+                rows = piece_shape[0] if piece_shape else 1
+                if self.index.dtype(key) == dtype and self.device.type == "cpu":
+                    self.index.read_into(key, target[row : row + rows])  # in place, no copy
+                else:
+                    staged = self.index.read_into(key, self._staging)
+                    target[row : row + rows].copy_(staged.reshape(target[row : row + rows].shape))
+                row += rows
+            tensors[name] = target
+        return tensors
 
     def _take(self, i: int) -> dict[str, torch.Tensor]:
         with self._lock:
             future = self._pending.pop(i, None)
         sd = future.result() if future is not None else self._read(i)
         self.loads += 1
-        if self._pool is not None:
+        if self._pool is not None and len(self.blocks) > 1:
             nxt = (i + 1) % len(self.blocks)
             with self._lock:
-                if nxt not in self._pending and nxt != i:
-                    self._pending[nxt] = self._pool.submit(self._read, nxt)
+                self._pending[nxt] = self._pool.submit(self._read, nxt)
         return sd
 
     def _before(self, i: int):
@@ -222,7 +279,7 @@ class BlockStreamer:
         _drop(module)
 
     def settle(self) -> None:
-        """Wait for and drop a prefetched block (after a forward, so nothing stays in memory between requests)."""
+        """Wait for a prefetch still running (after a request: the next one starts from block 0 anyway)."""
         with self._lock:
             pending, self._pending = self._pending, {}
         for future in pending.values():

@@ -42,6 +42,7 @@ from services.common.streaming import BlockStreamer, SafetensorsIndex
 from services.denoiser import loop
 from services.denoiser.convert.flux import (
     CheckpointLayoutError,
+    bfl_pieces,
     block_sources,
     detect_flux_layout,
     load_flux_state_dict,
@@ -318,37 +319,37 @@ def _build_streamed(
 ) -> tuple[Flux, Residency, torch.dtype]:
     index = SafetensorsIndex(files)
     original = strip_prefix({k: k for k in index})  # stripped key -> key in the file
+    meta = index.meta()
     try:
         layout = detect_flux_layout(original, source=source)
-        params, _ = load_flux_state_dict(index.meta(), axes_dim=axes_dim, source=source)  # shapes only
+        params, native = load_flux_state_dict(meta, axes_dim=axes_dim, source=source)  # shapes only
     except CheckpointLayoutError as e:
         raise InvalidArgument(str(e)) from None
-    meta = index.meta()
     stored = _checkpoint_dtype({k: meta[v] for k, v in original.items()})
     compute, storage = plan.compute_dtype(stored), plan.storage_dtype(stored)
     top, per_block = block_sources(original)
-
-    def read(keys: list[str]) -> dict[str, Tensor]:
-        return to_bfl({k: index[original[k]] for k in keys}, layout, source=source)
-
     model = _model(params)
+    top_sd = to_bfl({k: index[original[k]] for k in top}, layout, source=source)
     missing, unexpected = model.load_state_dict(
-        cast_state_dict(read(top), storage, compute), strict=False, assign=True
+        cast_state_dict(top_sd, storage, compute), strict=False, assign=True
     )
     blocks = [*model.double_blocks, *model.single_blocks]
     names = [f"double_blocks.{i}" for i in range(params.depth)]
     names += [f"single_blocks.{i}" for i in range(params.depth_single_blocks)]
     not_blocks = [k for k in missing if not k.startswith(("double_blocks.", "single_blocks."))]
     if unexpected or not_blocks or set(per_block) != set(names):
-        raise InvalidArgument(
-            f"{source}: cannot stream: missing {not_blocks[:4]}, unexpected {unexpected[:4]}"
+        raise InvalidArgument(f"{source}: cannot stream: missing {not_blocks[:4]}, unexpected {unexpected[:4]}")
+    layouts = []
+    for name in names:
+        pieces = bfl_pieces(per_block[name], layout)
+        layouts.append(
+            {
+                bfl_key.removeprefix(name + "."): (tuple(native[bfl_key].shape), [original[k] for k in keys])
+                for bfl_key, keys in pieces.items()
+            }
         )
-
-    def loader(name: str):
-        return lambda: {k.removeprefix(name + "."): v for k, v in read(per_block[name]).items()}
-
     to_device(model, device)  # the non-block weights; blocks stay on the meta device until they run
-    streamer = BlockStreamer(blocks, [loader(n) for n in names], device, storage, compute)
+    streamer = BlockStreamer(blocks, layouts, index, device, storage, compute)
     return model, Residency(model, device, plan, streamer=streamer), compute
 
 

@@ -362,3 +362,19 @@ def to_bfl(
 ) -> dict[str, Tensor]:
     """Part of a checkpoint (prefix stripped; whole blocks) in `layout` -> BFL keys."""
     return diffusers_to_bfl(state_dict, source=source) if layout == "diffusers" else dict(state_dict)
+
+
+def bfl_pieces(keys: Iterable[str], layout: Layout) -> dict[str, list[str]]:
+    """BFL key -> the checkpoint keys (prefix stripped) it is the dim-0 concatenation of, in order: one key for
+    a BFL checkpoint; q, k, v (and the MLP input) for diffusers' fused projections. For the blocks only (the
+    top-level final adaLN is not a plain concatenation); what streaming reads in place needs."""
+    if layout == "bfl":
+        return {k: [k] for k in keys}
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for key in keys:
+        target = _bfl_target(key)
+        if target is None:
+            raise CheckpointLayoutError(f"{FAMILY} (diffusers layout): unknown key {key}")
+        bfl_key, part, _ = target
+        parts.setdefault(bfl_key, []).append((part, key))
+    return {k: [key for _, key in sorted(v)] for k, v in parts.items()}
