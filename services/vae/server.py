@@ -17,6 +17,7 @@ from services.common.server import Binding, request_id
 from services.common.settings import Settings
 from services.common.store import TensorStore
 from services.vae.registry import VAES
+from services.vae.video import DEFAULT_FPS, decode_mp4, encode_mp4, resize_video
 
 MODEL_FOLDERS = ("vae",)
 MAX_INPUTS = 16
@@ -62,7 +63,10 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         images = []
         for i, media in enumerate(request.inputs):
             kind = media.WhichOneof("source")
-            if kind == "data":
+            if kind == "data" and (media.mime_type.startswith("video/") or media.data[4:8] == b"ftyp"):
+                video, _ = decode_mp4(media.data, f"inputs[{i}]", request.num_frames)
+                images.append(resize_video(video, request.width, request.height))
+            elif kind == "data":
                 images.append(image_to_tensor(media.data, request.width, request.height, f"inputs[{i}]"))
             elif kind == "tensor":
                 images.append(self.rt.input(media.tensor, f"inputs[{i}].tensor"))
@@ -98,6 +102,12 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         fmt = request.output_format
         if pixels.ndim == 4 and fmt in (vae_pb2.OUTPUT_FORMAT_UNSPECIFIED, vae_pb2.OUTPUT_FORMAT_PNG):
             resp.images.extend(tensor_to_png(p) for p in pixels)
+        elif pixels.ndim == 5 and fmt == vae_pb2.OUTPUT_FORMAT_PNG:  # every frame of every video, in order
+            resp.images.extend(tensor_to_png(frame) for video in pixels for frame in video.unbind(1))
+        elif pixels.ndim == 5 and fmt in (vae_pb2.OUTPUT_FORMAT_UNSPECIFIED, vae_pb2.OUTPUT_FORMAT_MP4):
+            if pixels.shape[0] != 1:
+                raise InvalidArgument(f"MP4 output holds one video; the latents hold {pixels.shape[0]}")
+            resp.video = encode_mp4(pixels[0], request.fps or DEFAULT_FPS)
         resp.timing.CopyFrom(self.rt.timing(started))
         return resp
 
