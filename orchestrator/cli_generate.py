@@ -106,6 +106,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance", metavar="G", type=_number(0.0), help="distilled guidance (FLUX)")
     g.add_argument("--cfg-scale", metavar="S", type=_number(0.0), help="classifier-free guidance scale")
     g.add_argument(
+        "--cfg-scale-2", metavar="S", type=_number(0.0), help="Wan 2.2 A14B: the low-noise expert's CFG scale"
+    )
+    g.add_argument("--solver", metavar="NAME", help="sampler: euler, unipc (default: the model's scheduler)")
+    g.add_argument("--shift", metavar="F", type=_number(0.0, lo_open=True), help="flow-matching shift")
+    g.add_argument(
         "--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]", help="repeatable"
     )
     g.add_argument("--lora-mode", choices=("hot", "fused"))
@@ -130,7 +135,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text-encoder-2", metavar="SPEC")
     g.add_argument("--transformer", metavar="SPEC", help="a DiT / UNet other than the model's own")
     g.add_argument("--request-id", metavar="ID", type=_request_id)
-    g.add_argument("--out", required=True, metavar="FILE.png", help="with several images: FILE-1.png, ...")
+    g.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.png",
+        help="with several images: FILE-1.png, ...; a video: FILE.mp4, or DIR/ for lossless PNG frames",
+    )
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the engine in this process")
     where.add_argument("--endpoint", metavar="HOST:PORT", help="the orchestrator (default: see above)")
@@ -156,12 +166,27 @@ def check_args(args: argparse.Namespace) -> None:
     if args.input_image and not Path(args.input_image).is_file():
         raise CommandError(f"--input-image {args.input_image}: no such file")
     out = Path(args.out)
+    if is_frames_dir(args.out):
+        if out.exists() and not out.is_dir():
+            raise CommandError(f"--out {args.out}: exists and is not a directory")
+        if not out.parent.is_dir():
+            raise CommandError(f"--out {args.out}: directory {str(out.parent)!r} does not exist")
+        return _check_remote_args(args)
     if out.suffix.lower() not in _OUT_SUFFIXES:
-        raise CommandError(f"--out {args.out}: expected a .png file (or .mp4 for a video)")
+        raise CommandError(f"--out {args.out}: expected a .png file, FILE.mp4 or DIR/ for a video")
     if not out.parent.is_dir():
         raise CommandError(f"--out {args.out}: directory {str(out.parent)!r} does not exist")
     if out.is_dir():
-        raise CommandError(f"--out {args.out} is a directory")
+        raise CommandError(f"--out {args.out} is a directory (end it with / for video frames)")
+    _check_remote_args(args)
+
+
+def is_frames_dir(out: str) -> bool:
+    """`--out DIR/`: a video's frames as numbered PNG files."""
+    return out.endswith(("/", os.sep))
+
+
+def _check_remote_args(args: argparse.Namespace) -> None:
     if args.local and args.token:
         raise CommandError("--token is for a remote orchestrator; --local runs in this process")
     if args.tls_ca and not Path(args.tls_ca).is_file():
@@ -279,8 +304,17 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)  # never a half-written file under the final name
 
 
-def write_outputs(result: orchestrator_pb2.GenerateResult, out: Path) -> list[Path]:
-    """The result's bytes as received: a video to FILE.mp4; one image to FILE.png, several to FILE-1.png..."""
+def write_outputs(result: orchestrator_pb2.GenerateResult, out: Path, frames_dir: bool = False) -> list[Path]:
+    """The result's bytes as received: a video to FILE.mp4 or its frames to DIR/00000.png ...; one image to
+    FILE.png, several to FILE-1.png..."""
+    if frames_dir:
+        if not result.images:
+            raise CommandError(f"--out {out}/: the result holds no frames", 1)
+        out.mkdir(exist_ok=True)
+        paths = [out / f"{i:05d}.png" for i in range(len(result.images))]
+        for path, png in zip(paths, result.images, strict=True):
+            _write(path, png)
+        return paths
     if out.suffix.lower() == ".mp4":
         if not result.video:
             raise CommandError(f"--out {out}: the result holds no video ({len(result.images)} images)", 1)
@@ -337,12 +371,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 request_id=args.request_id,
                 family=args.family,
                 task=args.task,
+                cfg_scale_2=args.cfg_scale_2,
+                solver=args.solver,
+                shift=args.shift,
+                frames_png=is_frames_dir(args.out),
             )
         except ValueError as e:
             raise CommandError(str(e)) from None
         with open_client(args, os.environ) as client:
             gen = client.run(request, display)
-        paths = write_outputs(gen.result, Path(args.out))
+        paths = write_outputs(gen.result, Path(args.out), frames_dir=is_frames_dir(args.out))
     except CommandError as e:
         return _fail(display, str(e), e.exit_code)
     except ClientError as e:

@@ -171,6 +171,10 @@ def build_request(
     request_id: str | None = None,
     family: str = "",
     task: str = "",
+    cfg_scale_2: float | None = None,
+    solver: str | None = None,
+    shift: float | None = None,
+    frames_png: bool = False,
 ) -> GenerateRequest:
     """The GenerateRequest of `Client.generate`'s arguments; ValueError names a bad argument."""
     if not model:
@@ -193,8 +197,18 @@ def build_request(
     for name, value in uints:
         _set_number(req, name, value, _UINT32)
     _set_number(req, "seed", seed, _UINT64)
-    for name, value in (("guidance", guidance), ("cfg_scale", cfg_scale), ("fps", fps)):
+    for name, value in (
+        ("guidance", guidance),
+        ("cfg_scale", cfg_scale),
+        ("cfg_scale_2", cfg_scale_2),
+        ("fps", fps),
+    ):
         _set_number(req, name, value)
+    if solver:
+        req.sampler.solver = solver
+    if shift is not None:
+        _set_number(req.sampler, "shift", shift)
+    req.output.video_frames_png = frames_png
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= _UINT32:
             raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")

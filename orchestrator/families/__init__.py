@@ -63,4 +63,4 @@ def detect(model_dir: Path | None, family: str = "", spec: str = "") -> Family:
 
 
 # Each family module registers itself in FAMILIES when imported.
-from orchestrator.families import flux  # noqa: E402, F401
+from orchestrator.families import flux, wan  # noqa: E402, F401

@@ -179,7 +179,7 @@ def test_local_runs_in_process(test_family, tmp_path: Path, monkeypatch, capsys)
             ["--out", "/no/such/dir/x.png"],
             "--out /no/such/dir/x.png: directory '/no/such/dir' does not exist",
         ),
-        (["--out", "x.jpg"], "--out x.jpg: expected a .png file (or .mp4 for a video)"),
+        (["--out", "x.jpg"], "--out x.jpg: expected a .png file, FILE.mp4 or DIR/ for a video"),
         (["--local", "--token", "t"], "--token is for a remote orchestrator"),
     ],
 )
