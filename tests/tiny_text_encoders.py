@@ -11,7 +11,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from services.text_encoder.encoders.clip_vocab import write_clip_tokenizer
 
@@ -125,3 +135,46 @@ def write_flux_text_encoders(model_dir: Path, seed: int = 0) -> Path:
     if len(tokenizer) > T5_CONFIG["vocab_size"]:
         raise ValueError(f"the tiny T5 tokenizer has {len(tokenizer)} tokens, over the model's vocabulary")
     return model_dir
+
+
+def tiny_umt5_encoder(seed: int = 0, **overrides: object) -> UMT5EncoderModel:
+    """A tiny random umT5 encoder (Wan's text encoder architecture: a relative attention bias per block)."""
+    return randomize_(UMT5EncoderModel(UMT5Config(**{**T5_CONFIG, **overrides})), seed)
+
+
+def write_wan_text_encoder(model_dir: Path, seed: int = 0) -> Path:
+    """`model_index.json` (WanPipeline), `text_encoder/` (tiny umT5), `tokenizer/` and `scheduler/` at
+    `model_dir`, written by diffusers' own `WanPipeline.save_pretrained` (no transformer or VAE)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    model_dir = Path(model_dir)
+    tokenizer = write_t5_tokenizer(model_dir / "tokenizer")
+    if len(tokenizer) > T5_CONFIG["vocab_size"]:
+        raise ValueError(f"the tiny T5 tokenizer has {len(tokenizer)} tokens, over the model's vocabulary")
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_umt5_encoder(seed),
+        vae=None,
+        scheduler=scheduler,
+        transformer=None,
+    )
+    pipe.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def tiny_clip_vision_model(seed: int = 0, **overrides: object) -> CLIPVisionModel:
+    """A tiny random CLIP vision tower (Wan 2.1 I2V's image encoder architecture), 56 px, 14 px patches."""
+    config = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        image_size=56,
+        patch_size=14,
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+    return randomize_(CLIPVisionModel(CLIPVisionConfig(**{**config, **overrides})), seed)
