@@ -20,9 +20,11 @@ from services.common.runtime import StageRuntime
 from services.common.server import Binding, request_id
 from services.common.settings import Settings
 from services.common.store import TensorStore
-from services.text_encoder.registry import ENCODERS
+from services.text_encoder.registry import ENCODERS, IMAGE_ENCODERS
 
 MAX_PROMPTS = 64
+MAX_IMAGES = 8
+MAX_IMAGE_BYTES = 64 * 2**20
 MAX_PROMPT_CHARS = 20_000
 MAX_SEQUENCE_LENGTH = 4096
 ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -62,6 +64,20 @@ def output_owners(encoders: list[tuple[str, Any]]) -> dict[str, str]:
 class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, runtime: StageRuntime) -> None:
         self.rt = runtime
+
+    def EncodeImage(self, request: text_encoder_pb2.EncodeImageRequest, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        rid = request_id(context)
+        validate.required("model", request.model)
+        validate.count("images", len(request.images), 1, MAX_IMAGES)
+        images = [read_image(m, f"images[{i}]") for i, m in enumerate(request.images)]
+        encoder = self.rt.load_component(request.model, "image_encoder", IMAGE_ENCODERS)
+        with self.rt.active(encoder):
+            embeds = encoder.encode_images(images)
+        name = f"{request.name or 'image'}.image_embeds"
+        resp = text_encoder_pb2.EncodeImageResponse(timing=self.rt.timing(started))
+        resp.outputs["image_embeds"].CopyFrom(self.rt.output(rid, name, embeds))
+        return resp
 
     def encoders(self, spec: str, requested: list[str]) -> list[tuple[str, Any]]:
         """(folder name, loaded encoder) of each encoder to run, in folder order."""
@@ -121,6 +137,26 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             resp.outputs[key].CopyFrom(self.rt.output(rid, f"{name}.{key}", outputs[key]))
         resp.timing.CopyFrom(self.rt.timing(started))
         return resp
+
+
+def read_image(media: Any, field: str) -> Any:
+    """An encoded image of a Media message -> a PIL image (RGB), named errors for anything else."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if media.WhichOneof("source") != "data":
+        raise InvalidArgument(
+            f"{field}: give the encoded image bytes (got {media.WhichOneof('source') or 'nothing'})"
+        )
+    if len(media.data) > MAX_IMAGE_BYTES:
+        raise InvalidArgument(f"{field}: {len(media.data)} bytes; at most {MAX_IMAGE_BYTES}")
+    try:
+        img = Image.open(io.BytesIO(media.data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InvalidArgument(f"{field}: not a readable image ({type(e).__name__}: {e})") from None
+    return img
 
 
 def binding(settings: Settings, store: TensorStore) -> Binding:
