@@ -17,10 +17,11 @@ from services.common.errors import InvalidArgument
 from services.common.memory import RESIDENT, MemoryPlan, memory_aware
 from services.common.models import Component
 from services.common.runtime import Loader
-from services.denoiser.adapters import flux
+from services.denoiser.adapters import flux, wan_load
 from services.denoiser.convert.flux import CheckpointLayoutError, detect_flux_layout, strip_prefix
+from services.denoiser.convert.wan import detect_wan_layout
 
-SINGLE_FILE_FAMILIES = ("FLUX.1",)
+SINGLE_FILE_FAMILIES = ("FLUX.1", "Wan 2.1 / 2.2")
 
 
 def _keys(path: Path) -> list[str]:
@@ -35,14 +36,22 @@ def load_single_file(component: Component, device: torch.device, memory: MemoryP
     """Tell the family of one original checkpoint file by its key names, then load it."""
     path = Path(component.path)
     keys = list(strip_prefix(dict.fromkeys(_keys(path))).keys())  # type: ignore[arg-type]
-    try:
-        detect_flux_layout(keys, source=str(path))
-    except CheckpointLayoutError as e:
-        raise InvalidArgument(f"not a checkpoint of a known family {SINGLE_FILE_FAMILIES}: {e}") from None
-    return flux.load_single_file(path, device, memory)
+    tried = []
+    for detect, load in (
+        (detect_flux_layout, flux.load_single_file),
+        (detect_wan_layout, wan_load.load_single_file),
+    ):
+        try:
+            detect(keys, source=str(path))
+        except CheckpointLayoutError as e:
+            tried.append(str(e))
+            continue
+        return load(path, device, memory)
+    raise InvalidArgument(f"not a checkpoint of a known family {SINGLE_FILE_FAMILIES}: {'; '.join(tried)}")
 
 
 DENOISERS: dict[str, Loader] = {
     "FluxTransformer2DModel": flux.load_hub,
+    "WanTransformer3DModel": wan_load.load_hub,
     "single-file": load_single_file,
 }
