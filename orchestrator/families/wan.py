@@ -73,7 +73,7 @@ class WanRequest:
 
     @property
     def guided(self) -> bool:
-        return self.cfg_scale > 1.0 or (self.cfg_scale_2 is not None and self.cfg_scale_2 > 1.0)
+        return self.cfg_scale > 1.0  # as WanPipeline: both experts run CFG, or neither
 
 
 def _encode(p: WanRequest, prompt: str, name: str) -> list[text_encoder_pb2.EncodeTextRequest]:
@@ -227,6 +227,10 @@ def _check(p: WanRequest, factor: int) -> None:
     c.check_range("cfg_scale", p.cfg_scale, 0.0, 100.0)
     if p.cfg_scale_2 is not None:
         c.check_range("cfg_scale_2", p.cfg_scale_2, 0.0, 100.0)
+        if p.cfg_scale_2 > 1.0 and p.cfg_scale <= 1.0:
+            raise invalid(
+                f"cfg_scale_2={p.cfg_scale_2} needs cfg_scale > 1 (got {p.cfg_scale}): CFG runs on both experts or neither"
+            )
     c.check_range("max_sequence_length", p.max_sequence_length, 1, MAX_UMT5_TOKENS)
     if p.shift is not None:
         c.check_range("sampler.shift", p.shift, 0.01, 100.0)

@@ -34,7 +34,9 @@ def test_defaults_and_graph(tmp_path: Path):
     assert plan.values["negative_prompt"] == ""  # the unconditional pass encodes the empty prompt
     unguided = wan.plan(request(cfg_scale=1.0), path)
     assert [s.name for s in unguided.graph.stages] == ["encode_prompt", "denoise", "decode"]
-    assert wan.plan(request(cfg_scale=1.0, cfg_scale_2=3.0), path).params.guided  # the low-noise expert's CFG
+    assert wan.plan(
+        request(cfg_scale=4.0, cfg_scale_2=1.0), path
+    ).params.guided  # the low-noise expert unguided
 
 
 def test_ti2v_geometry(tmp_path: Path):
@@ -54,6 +56,7 @@ def test_ti2v_geometry(tmp_path: Path):
         ({"prompt": " "}, "prompt is empty"),
         ({"sampler": {"solver": "ddim"}}, "sampler.solver 'ddim'"),
         ({"max_sequence_length": 600}, "max_sequence_length=600"),
+        ({"cfg_scale": 1.0, "cfg_scale_2": 3.0}, "cfg_scale_2=3.0 needs cfg_scale > 1"),
     ],
 )
 def test_bad_requests_are_invalid_argument(tmp_path: Path, kw, needle):
