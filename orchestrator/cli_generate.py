@@ -115,8 +115,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--lora-mode", choices=("hot", "fused"))
     g.add_argument("--input-image", metavar="PATH", help="img2img init / i2v first frame / edit reference")
+    g.add_argument("--last-image", metavar="PATH", help="flf2v: the last frame")
+    g.add_argument("--input-video", metavar="PATH", help="v2v: the video to start from (MP4)")
     g.add_argument(
-        "--strength", metavar="F", type=_number(0.0, 1.0), help="img2img: how much of --input-image to redo"
+        "--strength",
+        metavar="F",
+        type=_number(0.0, 1.0),
+        help="img2img / v2v: how much of --input-image / --input-video to redo",
     )
     g.add_argument("--num-frames", metavar="N", type=_integer(1, _UINT32))
     g.add_argument("--fps", metavar="F", type=_number(0.0, lo_open=True))
@@ -161,10 +166,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """What argparse cannot see: files, directories and flags that go together. CommandError (exit 2)."""
-    if args.strength is not None and not args.input_image:
-        raise CommandError(f"--strength {args.strength} needs --input-image")
-    if args.input_image and not Path(args.input_image).is_file():
-        raise CommandError(f"--input-image {args.input_image}: no such file")
+    if args.strength is not None and not (args.input_image or args.input_video):
+        raise CommandError(f"--strength {args.strength} needs --input-image or --input-video")
+    if args.last_image and not args.input_image:
+        raise CommandError("--last-image needs --input-image (the first frame)")
+    for flag, value in (
+        ("--input-image", args.input_image),
+        ("--last-image", args.last_image),
+        ("--input-video", args.input_video),
+    ):
+        if value and not Path(value).is_file():
+            raise CommandError(f"{flag} {value}: no such file")
     out = Path(args.out)
     if is_frames_dir(args.out):
         if out.exists() and not out.is_dir():
@@ -362,6 +374,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 loras=args.lora,
                 lora_mode=args.lora_mode,
                 input_image=Path(args.input_image) if args.input_image else None,
+                last_image=Path(args.last_image) if args.last_image else None,
+                input_video=Path(args.input_video) if args.input_video else None,
                 strength=args.strength,
                 num_frames=args.num_frames,
                 fps=args.fps,

@@ -162,6 +162,8 @@ def build_request(
     loras: Sequence[Lora] = (),
     lora_mode: str | None = None,
     input_image: ImageInput | None = None,
+    last_image: ImageInput | None = None,
+    input_video: bytes | str | Path | None = None,
     strength: float | None = None,
     num_frames: int | None = None,
     fps: float | None = None,
@@ -220,9 +222,14 @@ def build_request(
         req.lora_mode = LORA_MODES[lora_mode]
     if input_image is not None:
         req.input_images.append(image_media(input_image))
+    if last_image is not None:
+        req.last_image.CopyFrom(image_media(last_image))
+    if input_video is not None:
+        data = input_video if isinstance(input_video, bytes) else Path(input_video).read_bytes()
+        req.input_video.CopyFrom(common_pb2.Media(data=data, mime_type="video/mp4"))
     if strength is not None:
-        if input_image is None:
-            raise ValueError(f"strength={strength!r} needs an input_image")
+        if input_image is None and input_video is None:
+            raise ValueError(f"strength={strength!r} needs an input_image or an input_video")
         _set_number(req, "strength", strength)
     for key, spec in (components or {}).items():
         if key not in COMPONENTS:

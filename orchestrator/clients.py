@@ -42,6 +42,9 @@ class TextEncoderClient(Protocol):
     def encode(
         self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
     ) -> text_encoder_pb2.EncodeTextResponse: ...
+    def encode_image(
+        self, req: text_encoder_pb2.EncodeImageRequest, opts: CallOptions
+    ) -> text_encoder_pb2.EncodeImageResponse: ...
 
 
 class DenoiserClient(Protocol):
@@ -151,6 +154,11 @@ class GrpcTextEncoder(GrpcStage):
         self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
     ) -> text_encoder_pb2.EncodeTextResponse:
         return self.call(self._stub.Encode, req, opts)
+
+    def encode_image(
+        self, req: text_encoder_pb2.EncodeImageRequest, opts: CallOptions
+    ) -> text_encoder_pb2.EncodeImageResponse:
+        return self.call(self._stub.EncodeImage, req, opts)
 
 
 class GrpcDenoiser(GrpcStage):

@@ -116,6 +116,9 @@ class InProcessStage:
     def decode(self, req: Any, opts: CallOptions) -> Any:
         return self.unary("Decode", req, opts)
 
+    def encode_image(self, req: Any, opts: CallOptions) -> Any:
+        return self.unary("EncodeImage", req, opts)
+
     def denoise(self, req: Any, opts: CallOptions) -> Iterator[Any]:
         return self.stream("Denoise", req, opts)
 

@@ -17,7 +17,7 @@ from services.common.server import Binding, request_id
 from services.common.settings import Settings
 from services.common.store import TensorStore
 from services.vae.registry import VAES
-from services.vae.video import DEFAULT_FPS, decode_mp4, encode_mp4, resize_video
+from services.vae.video import DEFAULT_FPS, check_frames, decode_mp4, encode_mp4, resize_video
 
 MODEL_FOLDERS = ("vae",)
 MAX_INPUTS = 16
@@ -46,6 +46,26 @@ def tensor_to_png(pixels: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def condition_video(images: list[torch.Tensor], positions: list[int], num_frames: int) -> torch.Tensor:
+    """(1, 3, num_frames, H, W): zeros with image i at frame positions[i] (negative: from the end)."""
+    check_frames(num_frames, "num_frames (with frame_positions)")
+    if len(positions) != len(images):
+        raise InvalidArgument(f"frame_positions has {len(positions)} entries for {len(images)} inputs")
+    if any(t.ndim != 3 for t in images):
+        raise InvalidArgument("frame_positions places images: every input must be one image, not a video")
+    video = images[0].new_zeros(1, 3, num_frames, *images[0].shape[1:])
+    seen = set()
+    for i, (pos, img) in enumerate(zip(positions, images, strict=True)):
+        frame = pos + num_frames if pos < 0 else pos
+        if not 0 <= frame < num_frames or frame in seen:
+            raise InvalidArgument(
+                f"frame_positions[{i}]={pos}: outside [-{num_frames}, {num_frames}) or repeated"
+            )
+        seen.add(frame)
+        video[0, :, frame] = img
+    return video
 
 
 class VaeServicer(vae_pb2_grpc.VaeServicer):
@@ -77,7 +97,10 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) != 1:
             raise InvalidArgument(f"inputs have different shapes {sorted(shapes)}; give width and height")
-        pixels = torch.stack(images)  # (B, 3, H, W) or (B, 3, F, H, W)
+        if request.frame_positions:
+            pixels = condition_video(images, list(request.frame_positions), request.num_frames)
+        else:
+            pixels = torch.stack(images)  # (B, 3, H, W) or (B, 3, F, H, W)
         vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
         generator = torch.Generator("cpu").manual_seed(request.seed) if request.sample else None
         with self.rt.active(vae):
