@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from bench import denoiser_step, memory_modes, stack_overhead, store_throughput
+from bench import denoiser_step, memory_modes, stack_overhead, store_throughput, wan_step
 
 
 def machine() -> dict:
@@ -57,6 +57,7 @@ def main() -> int:
     results = {
         "machine": machine(),
         "denoiser_step_ratio": denoiser_step.run(),
+        "wan_step_ratio": wan_step.run(),
         "stack_overhead_ratio": stack["stack_overhead"],
         "concurrency_throughput_ratio": stack["concurrency"],
         "cold_start_s": memory["cold_start"],
@@ -67,6 +68,7 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(denoiser_step.table(results["denoiser_step_ratio"]))
+    print(wan_step.table(results["wan_step_ratio"]))
     print(table(results))
     print(f"wrote {out}")
     return 0
