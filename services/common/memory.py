@@ -112,12 +112,6 @@ def cast_state_dict(
     return {k: cast_tensor(k, v, storage, compute) for k, v in state_dict.items()}
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers a module holds in memory (meta tensors: none)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
-
-
 def to_device(module: nn.Module, device: torch.device) -> None:
     """Move the tensors a module holds to `device`, leaving meta tensors (streamed weights) where they are."""
     for t in (*module.parameters(), *module.buffers()):

@@ -46,9 +46,8 @@ class StageRuntime:
         self.device = pick_device(settings.device)
         self.models: ModelCache[Any] = ModelCache(settings.model_cache_size, on_evict=self._evicted)
         self._loaded: dict[str, tuple[str, int]] = {}  # cache key -> (metrics label, bytes)
-        self._residency: dict[
-            str, Residency
-        ] = {}  # cache key -> placement, for loaders without a memory plan
+        # cache key -> placement, for loaders that take no memory plan (see _place)
+        self._residency: dict[str, Residency] = {}
 
     def resolve(self, spec: str) -> Path:
         """The local file or directory a model spec names (fetched into the cache when remote)."""
