@@ -70,7 +70,7 @@ def _store_ms(state, repeats: int = 9) -> dict[str, float]:
     return out
 
 
-def run(repeats: int = 5, steps: int = 8, size: int = 256, concurrent: int = 8) -> dict:
+def run(repeats: int = 9, steps: int = 8, size: int = 256, concurrent: int = 8) -> dict:
     from orchestrator.local import in_process_orchestrator
     from orchestrator.stack.local_stack import down, up
     from protos import orchestrator_pb2_grpc
