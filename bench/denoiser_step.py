@@ -31,7 +31,7 @@ from services.denoiser.adapters.flux import FluxAdapter, env_flag, image_ids
 from services.denoiser.convert.flux import load_flux_state_dict
 from services.denoiser.models.flux import Flux
 from services.denoiser.sampling.guidance import cfg as cfg_combine
-from services.denoiser.sampling.schedules import FLUX_DEV_SCHEDULER
+from services.denoiser.sampling.scheduler_config import FLUX_DEV_SCHEDULER
 
 # The config: hidden 1024 (8 heads x 128), 4 double + 4 single blocks, 1024 image + 512 text tokens.
 CONFIGS = {

@@ -21,7 +21,7 @@ from services.common.models import Component, find_component, read_json
 from services.denoiser.adapters.flux import image_ids, load_hub, pack
 from services.denoiser.convert.flux import bfl_to_diffusers
 from services.denoiser.models.flux import Flux, FluxParams
-from services.denoiser.sampling.schedules import (
+from services.denoiser.sampling.scheduler_config import (
     FLUX_DEV_SCHEDULER,
     FLUX_SCHNELL_SCHEDULER,
     SchedulerConfig,

@@ -13,12 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.denoiser.sampling.schedules import (
-    SchedulerConfig,
-    calculate_shift,
-    shift_sigmas,
-    time_shift,
-)
+from services.denoiser.sampling.scheduler_config import SchedulerConfig
+from services.denoiser.sampling.schedules import calculate_shift, shift_sigmas, time_shift
 
 SIGMA_EPS = 1e-5  # keep sigma inside (0, 1): the shift divides by it
 

@@ -175,13 +175,17 @@ def _assign(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     params = dict(module.named_parameters())
     if set(params) != set(state_dict):
         missing, extra = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
-        raise InvalidArgument(f"streamed block weights do not fit: missing {missing[:4]}, unexpected {extra[:4]}")
+        raise InvalidArgument(
+            f"streamed block weights do not fit: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
     for name, tensor in state_dict.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         old = owner._parameters[leaf]
         if tuple(tensor.shape) != tuple(old.shape):
-            raise InvalidArgument(f"streamed weight {name}: shape {tuple(tensor.shape)}, expected {tuple(old.shape)}")
+            raise InvalidArgument(
+                f"streamed weight {name}: shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
+            )
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 

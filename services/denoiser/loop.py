@@ -31,13 +31,8 @@ from protos import common_pb2
 from services.common.errors import Cancelled, InvalidArgument
 from services.denoiser.inputs import DenoiseInputs
 from services.denoiser.sampling.guidance import cfg
-from services.denoiser.sampling.schedules import (
-    UNIPC,
-    WAN21_UNIPC_SCHEDULER,
-    SchedulerConfig,
-    img2img_start,
-    scale_noise,
-)
+from services.denoiser.sampling.scheduler_config import UNIPC, WAN21_UNIPC_SCHEDULER, SchedulerConfig
+from services.denoiser.sampling.schedules import img2img_start, scale_noise
 from services.denoiser.sampling.solvers import SamplingCancelled, sample_euler
 from services.denoiser.sampling.unipc import sample_unipc, unipc_options
 

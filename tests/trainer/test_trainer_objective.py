@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from services.denoiser.sampling.schedules import FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER
+from services.denoiser.sampling.scheduler_config import FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER
 from trainer.objective import flow_matching_loss, interpolate, logit_normal, sample_sigmas
 
 

@@ -55,14 +55,13 @@ from services.denoiser.loop import OnStep
 from services.denoiser.lora import LoraManager
 from services.denoiser.models.flux import Flux, FluxParams
 from services.denoiser.sampling.guidance import batched_cfg_model, cfg
-from services.denoiser.sampling.schedules import (
+from services.denoiser.sampling.scheduler_config import (
     FLUX_DEV_SCHEDULER,
     FLUX_SCHNELL_SCHEDULER,
     SchedulerConfig,
-    calculate_shift,
-    flow_sigmas_from,
     sigmas_from_config,
 )
+from services.denoiser.sampling.schedules import calculate_shift, flow_sigmas_from
 
 MULTIPLE = 16  # VAE factor 8 x patch 2
 DEFAULT_GUIDANCE = 3.5
@@ -338,7 +337,9 @@ def _build_streamed(
     names += [f"single_blocks.{i}" for i in range(params.depth_single_blocks)]
     not_blocks = [k for k in missing if not k.startswith(("double_blocks.", "single_blocks."))]
     if unexpected or not_blocks or set(per_block) != set(names):
-        raise InvalidArgument(f"{source}: cannot stream: missing {not_blocks[:4]}, unexpected {unexpected[:4]}")
+        raise InvalidArgument(
+            f"{source}: cannot stream: missing {not_blocks[:4]}, unexpected {unexpected[:4]}"
+        )
     layouts = []
     for name in names:
         pieces = bfl_pieces(per_block[name], layout)

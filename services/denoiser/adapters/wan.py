@@ -42,7 +42,7 @@ from services.denoiser.inputs import DenoiseInputs
 from services.denoiser.loop import OnStep
 from services.denoiser.models.wan import WanDiT, WanParams
 from services.denoiser.sampling.guidance import cfg
-from services.denoiser.sampling.schedules import (
+from services.denoiser.sampling.scheduler_config import (
     UNIPC,
     WAN21_UNIPC_SCHEDULER,
     SchedulerConfig,

@@ -37,7 +37,7 @@ from services.denoiser.convert.wan import (
     to_wan,
 )
 from services.denoiser.models.wan import WanDiT, WanParams, keeps_float32
-from services.denoiser.sampling.schedules import (
+from services.denoiser.sampling.scheduler_config import (
     WAN21_UNIPC_SCHEDULER,
     WAN22_I2V_UNIPC_SCHEDULER,
     SchedulerConfig,

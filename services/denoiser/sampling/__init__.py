@@ -4,7 +4,7 @@ Only the denoise loop keeps state; everything here is a function of its argument
 """
 
 from services.denoiser.sampling.guidance import batched_cfg_model, cfg
-from services.denoiser.sampling.schedules import (
+from services.denoiser.sampling.scheduler_config import (
     FLUX_DEV_SCHEDULER,
     FLUX_SCHNELL_SCHEDULER,
     QWEN_IMAGE_SCHEDULER,
@@ -21,6 +21,11 @@ from services.denoiser.sampling.schedules import (
     SchedulerConfig,
     SigmaGrid,
     SolverType,
+    scheduler_preset,
+    sigmas_from_config,
+    timesteps_from_config,
+)
+from services.denoiser.sampling.schedules import (
     TimeShiftType,
     calculate_shift,
     flow_sigmas,
@@ -29,12 +34,9 @@ from services.denoiser.sampling.schedules import (
     linspace_sigmas,
     scale_noise,
     scheduler_flow_sigmas,
-    scheduler_preset,
     shift_sigmas,
-    sigmas_from_config,
     stretch_to_terminal,
     time_shift,
-    timesteps_from_config,
     timesteps_from_sigmas,
     unipc_flow_schedule,
 )

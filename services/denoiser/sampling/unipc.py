@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from services.denoiser.sampling.schedules import SOLVER_TYPES, UNIPC, SchedulerConfig, SolverType
+from services.denoiser.sampling.scheduler_config import SOLVER_TYPES, UNIPC, SchedulerConfig, SolverType
 from services.denoiser.sampling.solvers import (
     Model,
     StepCallback,

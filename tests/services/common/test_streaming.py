@@ -97,13 +97,18 @@ def test_fused_pieces_and_storage_casts(tmp_path: Path):
     index = SafetensorsIndex(tmp_path / "p.safetensors")
     with torch.device("meta"):
         block = nn.Linear(3, 9, bias=False).requires_grad_(False)
+    got: list[torch.Tensor] = []
+
+    def seen(module: nn.Module, _args: tuple) -> None:
+        got.append(module.weight.clone())
+
     for storage in (torch.float32, torch.bfloat16):
         layout = {"weight": ((9, 3), ["p0", "p1", "p2"])}
         streamer = BlockStreamer([block], [layout], index, torch.device("cpu"), storage, storage)
-        got = []
-        block.register_forward_pre_hook(lambda m, a: got.append(m.weight.clone()))
+        handle = block.register_forward_pre_hook(seen)  # runs after the streamer's own
         with torch.inference_mode():
             block(torch.zeros(1, 3, dtype=storage))
         want = torch.cat(list(parts.values())).to(storage)
         assert got[-1].dtype == storage and torch.equal(got[-1], want)
+        handle.remove()
         streamer.close()
