@@ -22,6 +22,8 @@ What a request sends (normalised latents are `(z - mean) / std` per channel, as 
 - ti2v image-to-video: `reference_latents[0]`, the VAE latents of the first image (1 or B, 48, 1, H/16, W/16),
   or 4-D (an image); without it TI2V-5B makes video from text;
 - v2v: `init_latents` (B, z, F', H/s, W/s), the VAE latents of the input video, and `strength`.
+
+LoRAs (`services.denoiser.convert.wan_lora` layouts), hot or fused, apply to every expert (`ExpertLoras`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from services.common.errors import InvalidArgument
-from services.common.memory import RESIDENT, Residency
+from services.common.memory import RESIDENT, Residency, is_float8
 from services.denoiser import loop
+from services.denoiser.convert.wan_lora import wan_lora_deltas
 from services.denoiser.inputs import DenoiseInputs
 from services.denoiser.loop import OnStep
+from services.denoiser.lora import LoraManager, LoraMode
 from services.denoiser.models.wan import WanDiT, WanParams
 from services.denoiser.sampling.guidance import cfg
 from services.denoiser.sampling.scheduler_config import (
@@ -69,16 +73,26 @@ def _per_sample(t: Tensor, batch: int, name: str) -> Tensor:
     return t.repeat_interleave(batch // t.shape[0], dim=0)
 
 
-class _NoLoras:
-    """LoRAs on Wan are not implemented yet: a request naming one is refused; the rest run as they are."""
+class ExpertLoras:
+    """A request's LoRAs on every expert: one `LoraManager` per expert model, entered in expert order (so two
+    requests never wait on each other's locks crosswise) and left in reverse.
+
+    Wan 2.2 A14B: the same files apply to the high-noise and the low-noise expert alike (the experts share one
+    architecture and module names). diffusers' `WanPipeline.load_lora_weights` loads into `transformer` only,
+    and into `transformer_2` when called again with `load_into_transformer_2=True`; a request here is both calls.
+    """
+
+    def __init__(self, managers: Sequence[LoraManager]) -> None:
+        self.managers = list(managers)
 
     @contextlib.contextmanager
-    def apply(self, loras: Sequence[tuple[Path, float]], mode: str = "hot") -> Iterator[None]:
-        if loras:
-            raise InvalidArgument(
-                f"LoRAs on Wan models are not supported yet; got {[str(p) for p, _ in loras]}"
-            )
-        yield
+    def apply(
+        self, loras: Sequence[tuple[Path, float]], mode: LoraMode = "hot", *, timeout: float | None = None
+    ) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for manager in self.managers:
+                stack.enter_context(manager.apply(loras, mode, timeout=timeout))
+            yield
 
 
 class WanAdapter:
@@ -113,10 +127,27 @@ class WanAdapter:
         self.boundary = None if boundary_ratio is None else boundary_ratio * scheduler.num_train_timesteps
         self.expand_timesteps = expand_timesteps
         self.batched_cfg = False  # diffusers' Wan pipelines make two calls
-        self.lora = _NoLoras()
+        self.lora = ExpertLoras([self._lora_manager(m) for m in self.models])
         self.spatial = SPATIAL[self.params.out_dim]
         self.multiple = self.spatial * self.params.patch_size[1]
         self.i2v = self.params.in_dim == 2 * self.params.out_dim + MASK_CHANNELS  # the 36-channel models
+
+    def _lora_manager(self, model: WanDiT) -> LoraManager:
+        """Hot deltas are kept on the device in the compute dtype (cast to float32 on the way for the modules kept
+        in float32, see `keeps_float32`); fused mode needs the weights resident and not in float8."""
+        plan = self.residency.plan
+        fused_refusal = None
+        if plan.mode == "sequential":
+            fused_refusal = "memory mode sequential streams the weights: use lora_mode hot"
+        elif plan.weight_dtype is not None and is_float8(plan.weight_dtype):
+            fused_refusal = "float8 weights cannot take a LoRA in place: use lora_mode hot"
+        return LoraManager(
+            model,
+            convert=wan_lora_deltas,
+            compute_dtype=self.compute_dtype,
+            device=self.device,
+            fused_refusal=fused_refusal,
+        )
 
     # -- geometry and schedule -----------------------------------------------------------------------
     def check(self, inputs: DenoiseInputs) -> None:
