@@ -10,10 +10,10 @@ PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 PYTEST_ARGS ?=
 SHELL := /bin/bash
 
-.PHONY: install protos test lint demo bench up down clean help
+.PHONY: install protos test test-reliability lint demo bench up down clean help
 
 help:
-	@echo "make install | protos | test | lint | demo | bench | up | down | clean"
+	@echo "make install | protos | test | test-reliability | lint | demo | bench | up | down | clean"
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ protos/%_pb2.py: protos/%.proto $(STAMP)
 
 test: install protos
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The reliability suite at full size: 3000 generated requests per RPC and kind (make test runs 200), and the
+# tests marked slow. The per-RPC counts of status codes are in the summary.
+FUZZ_EXAMPLES ?= 3000
+test-reliability: install protos
+	DIFFMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/reliability -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: install protos
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ GetJob, ListJobs, CancelJob, JobLogs) over an `orchestrator.jobs.service.Jobs`."
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import re
 import threading
@@ -23,9 +24,17 @@ from protos import orchestrator_pb2, orchestrator_pb2_grpc
 if TYPE_CHECKING:
     from orchestrator.jobs.service import Jobs
 
+log = logging.getLogger(__name__)
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a store key part (no '..' either)
 _DONE = object()
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name longer than the filesystem allows: no such model here
+        return False
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -53,11 +62,21 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 return None
             path = self.cache_dir / scheme / name.replace("/", "--") / (rev or "main")
             return path if path.is_dir() else None
+        if "\x00" in spec:
+            raise invalid(f"model {spec!r} contains a NUL character")
         path = Path(spec)
         candidates = (
             [path] if path.is_absolute() or not self.model_roots else [r / path for r in self.model_roots]
         )
-        return next((c for c in candidates if c.is_dir()), None)
+        if self.model_roots:  # as the stages resolve specs: no way out of the roots, by '..' or links
+            roots = [r.resolve() for r in self.model_roots]
+            for c in candidates:
+                resolved = c.resolve()
+                if not any(resolved == r or r in resolved.parents for r in roots):
+                    raise invalid(
+                        f"model {spec!r} is outside the model roots {[str(r) for r in self.model_roots]}"
+                    )
+        return next((c for c in candidates if _is_dir(c)), None)
 
     def generate(
         self,
@@ -70,8 +89,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if not request.model:
             raise invalid("model is required")
         rid = request.request_id or uuid.uuid4().hex
-        if not _REQUEST_ID.match(rid):
-            raise invalid(f"request_id {rid!r}: 1-128 chars of [A-Za-z0-9._-]")
+        if not _REQUEST_ID.match(rid) or ".." in rid:
+            raise invalid(
+                f"request_id {rid[:200]!r}: 1-128 chars of [A-Za-z0-9._-], starting with a letter or digit, no '..'"
+            )
         started = time.perf_counter()
         model_dir = self._model_dir(request.model)
         family = families.detect(model_dir, request.family, request.model)
@@ -126,7 +147,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         resp = orchestrator_pb2.ListModelsResponse(families=sorted(families.FAMILIES))
         for root in self.model_roots:
             for index in sorted(root.glob("*/model_index.json")):
-                class_name = json.loads(index.read_text()).get("_class_name", "")
+                try:
+                    data = json.loads(index.read_text())
+                except (OSError, ValueError) as e:  # one broken folder must not hide the other models
+                    log.warning("ListModels: skipping %s: %s", index, e)
+                    continue
+                class_name = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
                 fam = next((f for f in families.FAMILIES.values() if class_name in f.pipeline_classes), None)
                 resp.models.add(
                     spec=str(index.parent),

@@ -85,12 +85,17 @@ def _location(field: str, value: str, check_paths: bool, must_exist: bool) -> No
         return
     if "://" in value:
         raise SpecError(field, f"{value!r}: only s3:// uris and local folders are supported")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise SpecError(field, f"{value!r} contains a control character")
     if check_paths and must_exist:
         path = Path(value)
-        if not path.is_dir():
-            raise SpecError(field, f"local folder {value!r} does not exist")
-        if not any((path / m).is_file() for m in METADATA_FILES):
-            raise SpecError(field, f"{value!r} holds none of {list(METADATA_FILES)}")
+        try:
+            if not path.is_dir():
+                raise SpecError(field, f"local folder {value!r} does not exist")
+            if not any((path / m).is_file() for m in METADATA_FILES):
+                raise SpecError(field, f"{value!r} holds none of {list(METADATA_FILES)}")
+        except OSError as e:  # e.g. a name longer than the filesystem allows
+            raise SpecError(field, f"local folder {value[:300]!r}: {e.strerror}") from None
 
 
 def validate_spec(spec: orchestrator_pb2.TrainSpec, *, check_paths: bool = True) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import not_found
+from orchestrator.errors import invalid, not_found
 from orchestrator.graph import Graph
 from protos import orchestrator_pb2
 
@@ -58,8 +58,12 @@ def detect(model_dir: Path | None, family: str = "", spec: str = "") -> Family:
             f"cannot tell the family of model {spec or str(model_dir)!r} (no model_index.json); name it with `family`; "
             f"known: {sorted(FAMILIES) or 'none yet'}"
         )
-    class_name = json.loads(index.read_text()).get("_class_name", "")
-    return family_of_pipeline(class_name)
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as e:
+        raise invalid(f"{index} is not valid JSON: {e}") from None
+    class_name = data.get("_class_name", "") if isinstance(data, dict) else ""
+    return family_of_pipeline(str(class_name))
 
 
 # Each family module registers itself in FAMILIES when imported.

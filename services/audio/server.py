@@ -29,10 +29,16 @@ def read_wav(data: bytes) -> tuple[torch.Tensor, int]:
         with wave.open(io.BytesIO(data)) as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             frames = w.readframes(n)
-    except (wave.Error, EOFError) as e:
-        raise InvalidArgument(f"input: not a readable WAV file ({e})") from None
+    except (wave.Error, EOFError, RuntimeError, ValueError) as e:  # wave's chunk reader raises all four
+        raise InvalidArgument(f"input: not a readable WAV file ({type(e).__name__}: {e})") from None
     if width != 2:
         raise InvalidArgument(f"input: {8 * width}-bit WAV; only 16-bit PCM is read")
+    validate.in_range("input: the WAV's sample rate", rate, 1000, MAX_SAMPLE_RATE)
+    if not frames or len(frames) % (width * channels):
+        raise InvalidArgument(
+            f"input: the WAV holds {len(frames)} bytes of samples, not a positive multiple of "
+            f"{width * channels} ({channels} channels of 16 bits)"
+        )
     pcm = torch.frombuffer(bytearray(frames), dtype=torch.int16).reshape(-1, channels)  # (T, C)
     return pcm.t().float() / 32768.0, rate
 

@@ -9,6 +9,7 @@ Weights are read with safetensors (memory-mapped); `.pth/.bin` only through `tor
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import threading
 from collections import OrderedDict
@@ -46,6 +47,8 @@ def parse_spec(spec: str) -> ModelSpec:
         raise InvalidArgument("model spec is empty")
     if len(spec) > 1024:
         raise InvalidArgument(f"model spec is {len(spec)} characters long (at most 1024)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in spec):
+        raise InvalidArgument(f"model spec {spec!r} contains a control character")
     for scheme in ("hf", "modelscope"):
         prefix = f"{scheme}://"
         if spec.startswith(prefix):
@@ -96,6 +99,13 @@ def _within(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
+def _exists(path: Path, spec: str) -> bool:
+    try:
+        return path.exists()
+    except OSError as e:  # e.g. a name longer than the filesystem allows
+        raise InvalidArgument(f"model {spec!r}: cannot look up {str(path)[:300]!r}: {e.strerror}") from None
+
+
 def resolve_spec(spec: str, *, roots: tuple[Path, ...] = (), cache_dir: Path, offline: bool = False) -> Path:
     """A spec -> an existing local file or directory.
 
@@ -105,10 +115,13 @@ def resolve_spec(spec: str, *, roots: tuple[Path, ...] = (), cache_dir: Path, of
     parsed = parse_spec(spec)
     if parsed.scheme != "path":
         return fetch_model(parsed, cache_dir, offline)
-    raw = Path(parsed.name).expanduser()
+    try:
+        raw = Path(parsed.name).expanduser()
+    except RuntimeError as e:  # "~user" of an unknown user
+        raise InvalidArgument(f"model {spec!r}: {e}") from None
     if not roots:
         path = raw.resolve()
-        if not path.exists():
+        if not _exists(path, spec):
             raise NotFound(f"model {spec!r} not found: no such file or directory {path}")
         return path
     resolved_roots = [r.resolve() for r in roots]
@@ -116,7 +129,7 @@ def resolve_spec(spec: str, *, roots: tuple[Path, ...] = (), cache_dir: Path, of
     for path in candidates:
         if not _within(path, resolved_roots):
             raise InvalidArgument(f"model {spec!r} is outside the model roots {[str(r) for r in roots]}")
-        if path.exists():
+        if _exists(path, spec):
             return path
     raise NotFound(f"model {spec!r} not found under the model roots {[str(r) for r in roots]}")
 
@@ -155,7 +168,12 @@ def load_state_dict(
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     out[key] = f.get_tensor(key)
         elif path.suffix in WEIGHT_SUFFIXES:
-            sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            try:  # a corrupt file, or one that holds more than tensors (weights_only refuses it)
+                sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise InvalidArgument(
+                    f"{path}: not a loadable weights file ({type(e).__name__}: {e})"
+                ) from None
             out.update(sd.get("state_dict", sd) if isinstance(sd, dict) else {})
         else:
             raise InvalidArgument(f"{path}: unknown weight file type (expected one of {WEIGHT_SUFFIXES})")

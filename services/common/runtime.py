@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from protos import common_pb2, tensor_pb2
@@ -82,11 +83,16 @@ class StageRuntime:
         key = f"{component.path}|{component.class_name}"
 
         def load() -> Any:
-            if getattr(loader, "memory_aware", False):
-                model = loader(component, self.device, self.memory)
-            else:
-                model = loader(component, self.device)
-                self._place(key, component, model)
+            try:
+                if getattr(loader, "memory_aware", False):
+                    model = loader(component, self.device, self.memory)
+                else:
+                    model = loader(component, self.device)
+                    self._place(key, component, model)
+            except SafetensorError as e:  # a truncated or corrupt file, wherever a loader opened it
+                raise InvalidArgument(
+                    f"{self.stage}: model {spec!r}: {component.path} holds an unreadable safetensors file ({e})"
+                ) from None
             label = _model_label(spec, path, component.path)
             self._loaded[key] = (label, metrics.model_loaded(self.stage, label, model))
             return model

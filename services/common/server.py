@@ -25,10 +25,13 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.errors import InvalidArgument, status_code
+from services.common.store import check_key_part
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# Percent-encoded status details stay well under grpc's 8 KiB soft limit on received metadata.
+MAX_DETAILS_BYTES = 4096
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -51,10 +54,8 @@ class TlsFiles:
 def request_id(context: grpc.ServicerContext) -> str:
     """The caller's `x-request-id` (validated), or a fresh one."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY:
-            if not value or len(value) > 128 or not all(c.isalnum() or c in "._-" for c in value):
-                raise InvalidArgument(f"{REQUEST_ID_KEY} {value!r}: 1-128 chars of [A-Za-z0-9._-]")
-            return value
+        if key == REQUEST_ID_KEY:  # it names the request's objects in the store: the rule of a key part
+            return check_key_part(REQUEST_ID_KEY, value)
     return uuid.uuid4().hex
 
 
@@ -92,20 +93,62 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
 
 
+def capped_details(details: str | bytes, limit: int = MAX_DETAILS_BYTES) -> str:
+    """Status details that fit any client's metadata limit once grpc percent-encodes them (every byte outside
+    printable ASCII takes three): a message that quotes a huge value is cut, saying how long it was."""
+    text = details.decode("utf-8", "replace") if isinstance(details, bytes) else details
+    size = 0
+    for i, ch in enumerate(text):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if size > limit:
+            return f"{text[:i]}... ({len(text)} characters in all)"
+    return text
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes do not parse as the method's message; its handler answers INVALID_ARGUMENT."""
+
+    error: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning `_Undecodable` instead of raising (grpc would answer INTERNAL)."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:
+            return _Undecodable(f"{type(e).__name__}: {e}")
+
+    return parse
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"{method}: the request is not a valid protobuf message of its type ({request.error})"
+        )
+
+
 def _map_errors(behavior: Callable[..., Any], streaming: bool, method: str) -> Callable[..., Any]:
     def fail(exc: Exception, context: grpc.ServicerContext) -> None:
         if context.code() is not None:  # the handler aborted itself
+            context.set_details(capped_details(context.details() or b""))
             raise exc
         code = status_code(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method)
             context.abort(code, f"internal error in {method}: {type(exc).__name__}")
-        context.abort(code, str(exc))
+        context.abort(code, capped_details(str(exc)))
 
     if streaming:
 
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
+                _check_decoded(request, method)
                 yield from behavior(request, context)
             except Exception as exc:
                 fail(exc, context)
@@ -114,6 +157,7 @@ def _map_errors(behavior: Callable[..., Any], streaming: bool, method: str) -> C
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _check_decoded(request, method)
             return behavior(request, context)
         except Exception as exc:
             fail(exc, context)
@@ -122,7 +166,8 @@ def _map_errors(behavior: Callable[..., Any], streaming: bool, method: str) -> C
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Domain errors -> their status code; anything else -> INTERNAL, logged. The server stays up."""
+    """Domain errors -> their status code; anything else -> INTERNAL, logged. The server stays up. A request
+    whose bytes do not parse is INVALID_ARGUMENT (grpc itself would answer INTERNAL)."""
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
@@ -132,13 +177,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(handler.unary_unary, False, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _map_errors(handler.unary_stream, True, method),
-                handler.request_deserializer,
+                _tolerant(handler.request_deserializer),
                 handler.response_serializer,
             )
         return handler

@@ -47,11 +47,20 @@ _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "ServiceNotReady"}
 
 
+def check_key_part(label: str, part: str) -> str:
+    """A plain name for one part of a key: 1-128 chars of [A-Za-z0-9._-], first a letter or digit, no '..'."""
+    if not _KEY_PART.fullmatch(part) or ".." in part:
+        raise InvalidArgument(
+            f"{label} {part[:200]!r} is not a valid key part "
+            "(1-128 chars of [A-Za-z0-9._-], starting with a letter or digit, no '..')"
+        )
+    return part
+
+
 def run_key(request_id: str, stage: str, name: str) -> str:
     """`runs/<request_id>/<stage>/<name>`; each part a plain name (no '/', no '..')."""
     for label, part in (("request_id", request_id), ("stage", stage), ("name", name)):
-        if not _KEY_PART.fullmatch(part) or ".." in part:
-            raise InvalidArgument(f"{label} {part!r} is not a valid key part ([A-Za-z0-9._-], 1-128 chars)")
+        check_key_part(label, part)
     return f"{RUNS_PREFIX}{request_id}/{stage}/{name}"
 
 
@@ -181,6 +190,12 @@ class LocalTensorStore(TensorStore):
         path = self._path(key)
         try:
             with path.open("rb") as f:
+                # the size on disk first: a ref's byte_size is the caller's word, not a buffer to allocate
+                found = os.fstat(f.fileno()).st_size
+                if found != size:
+                    raise DataLoss(
+                        f"{path.as_uri()}: expected {size} bytes, found {'more' if found > size else found}"
+                    )
                 data = bytearray(f.read(size + 1))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object {path.as_uri()}") from None
@@ -321,6 +336,10 @@ class S3TensorStore(TensorStore):
         def get() -> bytearray:
             resp = self._client.get_object(self.bucket, key)
             try:
+                length = resp.headers.get("Content-Length")
+                found = int(length) if length is not None and length.isdigit() else size
+                if found != size:  # before allocating: a ref's size is the caller's word
+                    raise DataLoss(f"{uri}: expected {size} bytes, found {'more' if found > size else found}")
                 buf = bytearray(size)
                 view = memoryview(buf)
                 pos = 0

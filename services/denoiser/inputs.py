@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ MAX_STEPS = 1000
 MAX_BATCH = 16
 MAX_FRAMES = 1025
 MAX_LORAS = 8
+MIN_SHIFT, MAX_SHIFT = 0.01, 100.0  # flow-matching shift, as the orchestrator's families check it
 
 
 @dataclass
@@ -87,11 +89,22 @@ def decode_request(req: denoiser_pb2.DenoiseRequest, rt: StageRuntime) -> Denois
         if not req.HasField("init_latents"):
             raise InvalidArgument("strength is set but init_latents is not")
     sigmas = list(req.sampler.sigmas)
+    if not all(math.isfinite(s) for s in sigmas):
+        raise InvalidArgument(f"sampler.sigmas must be finite numbers, got {sigmas[:8]}")
     if any(b >= a for a, b in itertools.pairwise(sigmas)):
-        raise InvalidArgument(f"sampler.sigmas must be strictly decreasing, got {sigmas}")
+        raise InvalidArgument(f"sampler.sigmas must be strictly decreasing, got {sigmas[:8]}")
+    validate.count("sampler.sigmas", len(sigmas), 0, MAX_STEPS)
+    if req.sampler.HasField("shift"):
+        validate.in_range("sampler.shift", req.sampler.shift, MIN_SHIFT, MAX_SHIFT)
 
     def tensors(m, field: str) -> dict[str, torch.Tensor]:
-        return {k: rt.input(v, f"{field}[{k}]") for k, v in m.items()}
+        out = {k: rt.input(v, f"{field}[{k}]") for k, v in m.items()}
+        for k, t in out.items():  # (B, ...) with B >= 1: the prompt batch is read from the first dimension
+            if t.ndim == 0 or t.shape[0] == 0:
+                raise InvalidArgument(
+                    f"{field}[{k}]: expected a batch dimension of at least 1, got {list(t.shape)}"
+                )
+        return out
 
     loras = []
     for i, lora in enumerate(req.loras):

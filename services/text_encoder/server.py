@@ -25,6 +25,7 @@ from services.text_encoder.registry import ENCODERS, IMAGE_ENCODERS
 MAX_PROMPTS = 64
 MAX_IMAGES = 8
 MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_PROMPT_CHARS = 20_000
 MAX_SEQUENCE_LENGTH = 4096
 ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -152,9 +153,13 @@ def read_image(media: Any, field: str) -> Any:
     if len(media.data) > MAX_IMAGE_BYTES:
         raise InvalidArgument(f"{field}: {len(media.data)} bytes; at most {MAX_IMAGE_BYTES}")
     try:
-        img = Image.open(io.BytesIO(media.data))
+        img = Image.open(io.BytesIO(media.data))  # reads the header only
+        if img.width * img.height > MAX_IMAGE_PIXELS:  # before the pixels are decoded into memory
+            raise InvalidArgument(
+                f"{field}: a {img.width}x{img.height} image; at most {MAX_IMAGE_PIXELS} pixels"
+            )
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise InvalidArgument(f"{field}: not a readable image ({type(e).__name__}: {e})") from None
     return img
 

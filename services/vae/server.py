@@ -22,14 +22,21 @@ from services.vae.video import DEFAULT_FPS, check_frames, decode_mp4, encode_mp4
 MODEL_FOLDERS = ("vae",)
 MAX_INPUTS = 16
 MAX_SIDE = 8192
+MAX_PIXELS = 1 << 28  # per request, every image and frame counted (81 frames of 1280x720 are 2**26.2)
 SERVICE = vae_pb2.DESCRIPTOR.services_by_name["Vae"].full_name
 
 
 def image_to_tensor(data: bytes, width: int, height: int, field: str) -> torch.Tensor:
     """Encoded image -> (3, H, W) float32 in [-1, 1], resized (Lanczos, as diffusers' VaeImageProcessor) when a size is given."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.width * img.height > MAX_SIDE * MAX_SIDE:  # before the pixels are decoded into memory
+            raise InvalidArgument(
+                f"{field}: a {img.width}x{img.height} image; at most {MAX_SIDE}x{MAX_SIDE} pixels"
+            )
         img.load()
+    except InvalidArgument:
+        raise
     except Exception as e:
         raise InvalidArgument(f"{field}: not a readable image ({type(e).__name__}: {e})") from None
     img = img.convert("RGB")
@@ -46,6 +53,26 @@ def tensor_to_png(pixels: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def check_pixels(pixels: torch.Tensor, field: str) -> torch.Tensor:
+    """An image (3, H, W) or a video (3, F, H, W) with at least one frame and sides in [1, MAX_SIDE]."""
+    if pixels.ndim not in (3, 4) or pixels.shape[0] != 3:
+        raise InvalidArgument(
+            f"{field}: expected an image (3, H, W) or a video (3, F, H, W), got {list(pixels.shape)}"
+        )
+    h, w = pixels.shape[-2:]
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE) or pixels.shape[1] < 1:
+        raise InvalidArgument(
+            f"{field}: shape {list(pixels.shape)}; each side must be in [1, {MAX_SIDE}] "
+            "(width and height resize an encoded image)"
+        )
+    return pixels
+
+
+def check_budget(pixels: int, what: str) -> None:
+    if pixels > MAX_PIXELS:
+        raise InvalidArgument(f"{what}: {pixels} pixels in all; at most {MAX_PIXELS} per request")
 
 
 def condition_video(images: list[torch.Tensor], positions: list[int], num_frames: int) -> torch.Tensor:
@@ -94,10 +121,13 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                 raise InvalidArgument(
                     f"inputs[{i}]: give encoded bytes or a tensor (got {kind or 'nothing'})"
                 )
+            check_pixels(images[-1], f"inputs[{i}]")
+            check_budget(sum(t.numel() // 3 for t in images), "inputs")
         shapes = {tuple(t.shape) for t in images}
         if len(shapes) != 1:
             raise InvalidArgument(f"inputs have different shapes {sorted(shapes)}; give width and height")
         if request.frame_positions:
+            check_budget(request.num_frames * images[0].shape[-2] * images[0].shape[-1], "num_frames x H x W")
             pixels = condition_video(images, list(request.frame_positions), request.num_frames)
         else:
             pixels = torch.stack(images)  # (B, 3, H, W) or (B, 3, F, H, W)
@@ -119,6 +149,14 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                 f"latents: expected (B, C, H, W) or (B, C, F, H, W), got {list(latents.shape)}"
             )
         vae = self.rt.load(request.model, MODEL_FOLDERS, VAES)
+        factor = getattr(vae, "factor", 8)
+        h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
+        if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+            raise InvalidArgument(
+                f"latents: {list(latents.shape)} decode to {w}x{h} pixels; each side must be in [1, {MAX_SIDE}]"
+            )
+        frames = latents.shape[2] * getattr(vae, "temporal_factor", 1) if latents.ndim == 5 else 1
+        check_budget(latents.shape[0] * frames * h * w, "latents")
         with self.rt.active(vae):
             pixels = vae.decode(latents, tiling=request.tiling)
         resp = vae_pb2.VaeDecodeResponse(pixels=self.rt.output(rid, "pixels", pixels, inline=False))

@@ -18,6 +18,7 @@ import torch
 from services.common.errors import InvalidArgument
 
 MAX_VIDEO_BYTES = 1 << 30
+MAX_VIDEO_PIXELS = 1 << 28  # decoded frames x height x width
 DEFAULT_FPS = 16.0
 CRF = 17
 
@@ -84,7 +85,12 @@ def decode_mp4(data: bytes, field: str, max_frames: int = 0) -> tuple[torch.Tens
                 if max_frames and len(frames) >= max_frames:
                     reader.close()
                     break
-        except (RuntimeError, OSError, StopIteration) as e:
+                if len(frames) * h * w > MAX_VIDEO_PIXELS:
+                    reader.close()
+                    raise InvalidArgument(
+                        f"{field}: over {MAX_VIDEO_PIXELS} pixels of {w}x{h} frames; keep fewer with num_frames"
+                    )
+        except (RuntimeError, OSError, StopIteration, ValueError) as e:
             raise InvalidArgument(f"{field}: not a readable video ({type(e).__name__}: {e})") from None
     finally:
         Path(name).unlink(missing_ok=True)
