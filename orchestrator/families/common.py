@@ -106,3 +106,20 @@ def image_size(media: common_pb2.Media, field: str) -> tuple[int, int] | None:
 def parameters_text(params: Mapping[str, Any]) -> str:
     """The resolved parameters as one JSON line (written into the PNG and the result)."""
     return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def refuse_unused(request: orchestrator_pb2.GenerateRequest, family: str, fields: tuple[str, ...]) -> None:
+    """INVALID_ARGUMENT for request fields this family does not use (never a silent fallback). Names are
+    GenerateRequest fields, or `sampler.<field>` / `output.<field>`."""
+    for name in fields:
+        msg, _, leaf = name.rpartition(".")
+        holder = getattr(request, msg) if msg else request
+        field = holder.DESCRIPTOR.fields_by_name[leaf]
+        if field.is_repeated:
+            used = len(getattr(holder, leaf)) > 0
+        elif field.has_presence:
+            used = holder.HasField(leaf)
+        else:
+            used = bool(getattr(holder, leaf))
+        if used:
+            raise invalid(f"{name} is set, but {family} does not use it")

@@ -206,7 +206,17 @@ def _components(request: orchestrator_pb2.GenerateRequest) -> dict[str, str]:
     return specs
 
 
+UNUSED = (
+    "num_frames", "fps", "cfg_scale_2", "last_image", "input_video", "input_audio", "mask", "preview_every",
+    "sampler.sigmas", "sampler.eta", "output.video_frames_png",
+)  # fmt: skip
+SOLVERS = ("", "euler", "flow_euler")
+
+
 def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> Plan:
+    c.refuse_unused(request, "FLUX.1", UNUSED)
+    if request.sampler.solver not in SOLVERS:
+        raise invalid(f"sampler.solver {request.sampler.solver!r}: FLUX.1 runs {[s for s in SOLVERS if s]}")
     task = _task(request)
     fam = _family_defaults(model_dir)
     rec = c.recorded_defaults(model_dir)

@@ -321,7 +321,13 @@ def _defaults(model: WanModel) -> WanDefaults:
     return WanDefaults()
 
 
+UNUSED = ("guidance", "input_audio", "mask", "preview_every", "sampler.sigmas", "sampler.eta")
+
+
 def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> Plan:
+    c.refuse_unused(request, "Wan", UNUSED)
+    if request.batch_size > 1:
+        raise invalid(f"batch_size={request.batch_size}: Wan makes one video per request")
     model = WanModel.read(model_dir)
     task = _task(request, model)
     fam = _defaults(model)

@@ -63,6 +63,9 @@ def test_ti2v_geometry(tmp_path: Path):
         ({"sampler": {"solver": "ddim"}}, "sampler.solver 'ddim'"),
         ({"max_sequence_length": 600}, "max_sequence_length=600"),
         ({"cfg_scale": 1.0, "cfg_scale_2": 3.0}, "cfg_scale_2=3.0 needs cfg_scale > 1"),
+        ({"guidance": 3.5}, "guidance is set, but Wan does not use it"),
+        ({"sampler": {"sigmas": [1.0, 0.5]}}, "sampler.sigmas is set, but Wan does not use it"),
+        ({"batch_size": 2}, "batch_size=2: Wan makes one video per request"),
     ],
 )
 def test_bad_requests_are_invalid_argument(tmp_path: Path, kw, needle):
