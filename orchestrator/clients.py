@@ -79,6 +79,10 @@ def open_channel(
     return grpc.insecure_channel(endpoint, options=options)
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
 class GrpcStage:
     """Channel, metadata and retry shared by the stage clients."""
 
@@ -108,34 +112,48 @@ class GrpcStage:
         return StageError(e.code(), e.details() or e.code().name, self.stage, self.endpoint)
 
     def call(self, fn: Callable[..., T], req: Any, opts: CallOptions) -> T:
-        """A unary call with a deadline, retried on UNAVAILABLE with exponential backoff."""
+        """A unary call with a deadline, retried on UNAVAILABLE with exponential backoff while the deadline
+        leaves time for another attempt."""
+        deadline = None if opts.timeout_s is None else time.monotonic() + opts.timeout_s
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
+            started = time.monotonic()
             try:
-                return fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
+                return fn(req, timeout=_remaining(deadline), metadata=self.metadata(opts))
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise self.error(e) from None
-                if opts.on_retry:
-                    opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+                self._before_retry(e, attempt, delay + time.monotonic() - started, deadline, opts)
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
+    def _before_retry(
+        self, e: grpc.RpcError, attempt: int, needed: float, deadline: float | None, opts: CallOptions
+    ) -> None:
+        """Raise the call's error unless it is retryable and retries are left and the deadline leaves `needed`
+        seconds (the backoff plus as long as this attempt took); else report the retry."""
+        if e.code() not in RETRYABLE or attempt == self.retries:
+            raise self.error(e) from None
+        if deadline is not None and time.monotonic() + needed >= deadline:
+            err = self.error(e)
+            raise StageError(
+                err.code, f"{err.message} (no time left for another try)", self.stage, self.endpoint
+            ) from None
+        if opts.on_retry:
+            opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+
     def stream(self, fn: Callable[..., Iterator[T]], req: Any, opts: CallOptions) -> Iterator[T]:
-        """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs).
-        Closing the returned iterator cancels the call."""
+        """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs) while
+        the deadline leaves time. Closing the returned iterator cancels the call."""
+        deadline = None if opts.timeout_s is None else time.monotonic() + opts.timeout_s
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
-            call = fn(req, timeout=opts.timeout_s, metadata=self.metadata(opts))
+            started = time.monotonic()
+            call = fn(req, timeout=_remaining(deadline), metadata=self.metadata(opts))
             try:
                 yield from call
                 return
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise self.error(e) from None
-                if opts.on_retry:
-                    opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+                self._before_retry(e, attempt, delay + time.monotonic() - started, deadline, opts)
                 time.sleep(delay)
                 delay *= 2
             finally:

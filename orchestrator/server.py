@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a store key part (no '..' either)
 _DONE = object()
+DEADLINE_MARGIN_S = 0.25
 
 
 def _is_dir(path: Path) -> bool:
@@ -83,6 +84,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         request: orchestrator_pb2.GenerateRequest,
         emit,
         cancelled: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> orchestrator_pb2.GenerateResult:
         """Plan and run one request (the in-process API; Generate streams around it). Setting `cancelled`
         stops it at the next stage or denoising step with CANCELLED."""
@@ -98,7 +100,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         family = families.detect(model_dir, request.family, request.model)
         plan = family.plan(request, model_dir)
         ctx = RunContext(
-            request_id=rid, params=plan.params, emit=emit, cancelled=cancelled or threading.Event()
+            request_id=rid,
+            params=plan.params,
+            emit=emit,
+            cancelled=cancelled or threading.Event(),
+            deadline=deadline,
         )
         values = self.runner.run(plan.graph, plan.values, ctx)
         result = family.finish(values, plan)
@@ -111,10 +117,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
         cancelled = threading.Event()
+        remaining = context.time_remaining()
+        # the client's deadline, less a margin for the answer to reach it: every stage call gets what is left
+        deadline = None if remaining is None else time.monotonic() + max(remaining - DEADLINE_MARGIN_S, 0.001)
 
         def work() -> None:
             try:
-                outcome["result"] = self.generate(request, events.put, cancelled)
+                outcome["result"] = self.generate(request, events.put, cancelled, deadline)
             except BaseException as e:
                 outcome["error"] = e
             finally:

@@ -79,7 +79,7 @@ def wait_serving(endpoint: str, timeout: float) -> None:
             time.sleep(0.1)
 
 
-def _spawn(stage: str, state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+def _spawn(stage: str, state_dir: Path, env: dict[str, str], port: int = 0) -> tuple[subprocess.Popen, Path]:
     port_file = state_dir / f"{stage}.port"
     port_file.unlink(missing_ok=True)
     _metrics_port_file(state_dir, stage).unlink(missing_ok=True)
@@ -91,7 +91,7 @@ def _spawn(stage: str, state_dir: Path, env: dict[str, str]) -> tuple[subprocess
         "serve",
         stage.replace("_", "-"),
         "--port",
-        "0",
+        str(port),
         "--port-file",
         str(port_file),
         "--metrics-port",
@@ -145,6 +145,59 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
+def _env(data: dict) -> dict[str, str]:
+    """The environment of the stack's services (the same at every start and restart)."""
+    s3 = data["s3"]
+    return {
+        **os.environ,
+        **data.get("extra_env", {}),
+        "DIFFMESH_STORE": "s3",
+        "DIFFMESH_S3_ENDPOINT": s3["endpoint"],
+        "DIFFMESH_S3_ACCESS_KEY": s3["access_key"],
+        "DIFFMESH_S3_SECRET_KEY": s3["secret_key"],
+        "DIFFMESH_TOKEN": data["token"],
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def restart(state: StackState, stage: str, timeout: float = 120.0) -> StackState:
+    """Start one service of a running stack again on its own port (after a crash, or stopping it first), or
+    the S3 server on its port with its data; the state file follows."""
+    data = state.data
+    state_dir = state.path.parent
+    if stage == "s3":
+        s3 = data["s3"]
+        if pid_alive(s3["pid"]):
+            stop_pid(s3["pid"])
+        port = int(s3["endpoint"].rsplit(":", 1)[1])
+        server = start_s3_server(
+            state_dir / "s3", s3["access_key"], s3["secret_key"], s3_port=port, timeout=timeout
+        )
+        s3["pid"] = server.pid
+    else:
+        if stage not in data["services"]:
+            raise StackError(f"no service {stage!r} in the stack; it has {sorted(data['services'])}")
+        service = data["services"][stage]
+        if pid_alive(service["pid"]):
+            stop_pid(service["pid"])
+        env = _env(data)
+        if stage == "orchestrator":
+            env.update(
+                {
+                    f"DIFFMESH_{s.upper()}": v["endpoint"]
+                    for s, v in data["services"].items()
+                    if s != "orchestrator"
+                }
+            )
+        port = int(service["endpoint"].rsplit(":", 1)[1])
+        proc, port_file = _spawn(stage, state_dir, env, port)
+        _wait_port(proc, port_file, stage, timeout)
+        data["services"][stage] = _service(state_dir, stage, port, proc.pid)
+        wait_serving(service["endpoint"], timeout)
+    _write_state(state)
+    return state
+
+
 def up(state_dir: Path, timeout: float = 120.0, extra_env: dict[str, str] | None = None) -> StackState:
     """Start the stack; StackError if one from this state dir is already running."""
     state_dir = Path(state_dir).resolve()
@@ -158,21 +211,13 @@ def up(state_dir: Path, timeout: float = 120.0, extra_env: dict[str, str] | None
     started = time.monotonic()
     access_key, secret_key, token = secrets.token_hex(8), secrets.token_hex(16), secrets.token_hex(16)
     s3: S3Server = start_s3_server(state_dir / "s3", access_key, secret_key, timeout=timeout)
-    env = {
-        **os.environ,
-        **(extra_env or {}),
-        "DIFFMESH_STORE": "s3",
-        "DIFFMESH_S3_ENDPOINT": s3.endpoint,
-        "DIFFMESH_S3_ACCESS_KEY": access_key,
-        "DIFFMESH_S3_SECRET_KEY": secret_key,
-        "DIFFMESH_TOKEN": token,
-        "PYTHONUNBUFFERED": "1",
-    }
     data: dict = {
         "s3": {"endpoint": s3.endpoint, "pid": s3.pid, "access_key": access_key, "secret_key": secret_key},
         "token": token,
         "services": {},
+        "extra_env": dict(extra_env or {}),
     }
+    env = _env(data)
     state = StackState(state_dir / STATE_FILE, data)
     try:
         procs = {stage: _spawn(stage, state_dir, env) for stage in STACK_STAGES if stage != "orchestrator"}
