@@ -204,6 +204,10 @@ def start_stage_server(
         port=port,
         token=settings.token,
         max_message_bytes=settings.max_message_bytes,
+        # stage services admit DIFFMESH_MAX_CONCURRENCY at once and queue DIFFMESH_MAX_QUEUE; the orchestrator
+        # (which only waits on them) is not limited
+        max_running=None if stage == "orchestrator" else settings.max_concurrency,
+        max_queue=getattr(settings, "max_queue", 16),
         tls=tls,
         metrics_port=metrics_port,
         metrics_host=metrics_host,

@@ -15,7 +15,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
+from services.common.admission import Admission, AdmissionInterceptor, QueuedEvent
 from services.common.errors import InvalidArgument, status_code
 from services.common.store import check_key_part
 
@@ -42,6 +43,8 @@ class Binding:
     name: str  # e.g. "diffmesh.v1.Denoiser"
     add: Callable[[Any, grpc.Server], None]
     servicer: Any
+    # streaming methods' queue-position events while admission control holds them: method name -> factory
+    queued_events: dict[str, QueuedEvent] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ def create_server(
     max_message_bytes: int = 64 << 20,
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = None,
+    max_running: int | None = None,
+    max_queue: int = 16,
     tls: TlsFiles | None = None,
     metrics_port: int | None = None,
     metrics_host: str | None = None,
@@ -258,12 +263,19 @@ def create_server(
     """Build, bind and start a server for `bindings`; port 0 picks a free port (returned).
 
     `metrics_port` (None: off; 0: a free port, see `Server.metrics_port`) serves Prometheus metrics over plain
-    HTTP on `metrics_host` (default: `host`): this process's registry plus `metrics_collectors`."""
+    HTTP on `metrics_host` (default: `host`): this process's registry plus `metrics_collectors`.
+    `max_running` (None: no limit) RPCs run at once and `max_queue` more wait (services.common.admission);
+    the worker pool grows to hold them all, so the queue is ours, never grpc's."""
     interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor(_OPEN_PREFIXES)]
     if token:
         interceptors.append(AuthInterceptor(token))
     interceptors.append(ErrorInterceptor())
     names = [b.name for b in bindings]
+    if max_running is not None:
+        admission = Admission("+".join(metrics.service_label(n) for n in names), max_running, max_queue)
+        events = {f"/{b.name}/{method}": event for b in bindings for method, event in b.queued_events.items()}
+        interceptors.append(AdmissionInterceptor(admission, _OPEN_PREFIXES, events))
+        max_workers = max(max_workers, max_running + max_queue + 4)  # + health checks and refusals
     server = grpc.server(
         metrics.CountingExecutor(
             "+".join(metrics.service_label(n) for n in names), max_workers, thread_name_prefix="rpc"

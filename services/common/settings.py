@@ -104,7 +104,8 @@ class Settings:
     model_cache_size: int = 2  # models kept loaded per service
     max_message_bytes: int = 64 * MIB
     inline_limit: int = 1 * MIB  # tensors up to this travel inline instead of through the store
-    max_concurrency: int = 4
+    max_concurrency: int = 4  # RPCs running at once per service
+    max_queue: int = 16  # RPCs waiting beyond those; more get RESOURCE_EXHAUSTED
     device: str = "auto"
     offline: bool = False  # no downloads from model hubs
     memory: MemoryPlan = field(default_factory=MemoryPlan)  # resident / offload / sequential, weight dtype
@@ -147,6 +148,7 @@ class Settings:
             max_message_bytes=_int(env, "DIFFMESH_MAX_MESSAGE_MB", 64, lo=1) * MIB,
             inline_limit=_int(env, "DIFFMESH_INLINE_LIMIT_BYTES", MIB),
             max_concurrency=_int(env, "DIFFMESH_MAX_CONCURRENCY", 4, lo=1),
+            max_queue=_int(env, "DIFFMESH_MAX_QUEUE", 16),
             device=env.get("DIFFMESH_DEVICE", "auto"),
             offline=_bool(env, "DIFFMESH_OFFLINE", False),
             memory=memory,

@@ -102,4 +102,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
 def binding(settings: Settings, store: TensorStore) -> Binding:
     servicer = DenoiserServicer(StageRuntime("denoiser", settings, store))
-    return Binding(SERVICE, denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer)
+    return Binding(
+        SERVICE,
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+        servicer,
+        queued_events={"Denoise": queued_event},
+    )
+
+
+def queued_event(position: int, queue_size: int) -> denoiser_pb2.DenoiseEvent:
+    return denoiser_pb2.DenoiseEvent(queued=common_pb2.Queued(position=position, queue_size=queue_size))
