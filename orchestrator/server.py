@@ -29,6 +29,7 @@ SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a store key part (no '..' either)
 _DONE = object()
 DEADLINE_MARGIN_S = 0.25
+NO_DEADLINE_S = 1e7  # a longer "deadline" is grpc's way of saying there is none
 
 
 def _is_dir(path: Path) -> bool:
@@ -117,9 +118,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
         cancelled = threading.Event()
-        remaining = context.time_remaining()
+        remaining = context.time_remaining()  # ~9.2e18 s when the client set no deadline
         # the client's deadline, less a margin for the answer to reach it: every stage call gets what is left
-        deadline = None if remaining is None else time.monotonic() + max(remaining - DEADLINE_MARGIN_S, 0.001)
+        deadline = None
+        if remaining is not None and remaining < NO_DEADLINE_S:
+            deadline = time.monotonic() + max(remaining - DEADLINE_MARGIN_S, 0.001)
 
         def work() -> None:
             try:
