@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
 
+from bench.timing import cpu_header, dtype_name, header_line, interleaved, max_abs_diff
 from services.denoiser.adapters.flux import FluxAdapter, env_flag, image_ids
 from services.denoiser.convert.flux import load_flux_state_dict
 from services.denoiser.models.flux import Flux
@@ -44,19 +43,6 @@ CONFIGS = {
 DTYPES = (torch.float32, torch.bfloat16)
 CFG_CONFIG = "hidden1024-4+4"
 CFG_SCALE = 4.0
-
-
-def _interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> tuple[dict, dict]:
-    """Median seconds of each fn, called in turn `repeats` times after one warm-up call each; and the
-    warm-up outputs (as float32)."""
-    outputs = {name: fn().float() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 def _pair(cfg: dict, dtype: torch.dtype) -> tuple[FluxTransformer2DModel, Flux]:
@@ -95,19 +81,11 @@ def _inputs(cfg: dict, dtype: torch.dtype, batch: int = 1, seed: int = 0) -> dic
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _adapter(ours: Flux) -> FluxAdapter:
     """The adapter the service builds around the model: it also puts the LoRA hooks on every Linear."""
     return FluxAdapter(
         ours, FLUX_DEV_SCHEDULER, torch.device("cpu"), "bench", batched_cfg=False, compile_blocks=False
     )
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(f"{(a - b).abs().max().item():.3g}")
 
 
 def step_row(name: str, cfg: dict, ref: FluxTransformer2DModel, ours: Flux, repeats: int) -> dict:
@@ -127,16 +105,16 @@ def step_row(name: str, cfg: dict, ref: FluxTransformer2DModel, ours: Flux, repe
         ).sample
 
     with torch.inference_mode():
-        t, out = _interleaved({"diffusers": reference, "ours": lambda: ours(**x, pe=pe)}, repeats)
+        t, out = interleaved({"diffusers": reference, "ours": lambda: ours(**x, pe=pe)}, repeats)
     return {
         "config": name,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "tokens": f"{cfg['img']}+{cfg['txt']}",
         "ours_ms": round(t["ours"] * 1000, 2),
         "diffusers_ms": round(t["diffusers"] * 1000, 2),
         "ratio": round(t["ours"] / t["diffusers"], 3),
         "repeats": repeats,
-        "max_abs_diff": _max_abs_diff(out["ours"], out["diffusers"]),
+        "max_abs_diff": max_abs_diff(out["ours"], out["diffusers"]),
     }
 
 
@@ -158,15 +136,15 @@ def cfg_row(name: str, cfg: dict, adapter: FluxAdapter, repeats: int) -> dict:
         return adapter.guided_velocity(x, sigma, pos, neg, CFG_SCALE)
 
     with torch.inference_mode():
-        t, out = _interleaved({"two_calls": two_calls, "batched": batched}, repeats)
+        t, out = interleaved({"two_calls": two_calls, "batched": batched}, repeats)
     return {
         "config": name,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "tokens": f"{cfg['img']}+{cfg['txt']}",
         "two_calls_ms": round(t["two_calls"] * 1000, 2),
         "batched_ms": round(t["batched"] * 1000, 2),
         "ratio": round(t["batched"] / t["two_calls"], 3),
-        "max_abs_diff": _max_abs_diff(out["batched"], out["two_calls"]),
+        "max_abs_diff": max_abs_diff(out["batched"], out["two_calls"]),
     }
 
 
@@ -182,17 +160,17 @@ def compile_row(name: str, cfg: dict, dtype: torch.dtype, repeats: int) -> dict:
         t0 = time.perf_counter()
         compiled(**x, pe=pe)
         compile_s = time.perf_counter() - t0
-        t, out = _interleaved(
+        t, out = interleaved(
             {"eager": lambda: eager(**x, pe=pe), "compiled": lambda: compiled(**x, pe=pe)}, repeats
         )
     return {
         "config": name,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "compile_s": round(compile_s, 1),
         "eager_ms": round(t["eager"] * 1000, 2),
         "compiled_ms": round(t["compiled"] * 1000, 2),
         "ratio": round(t["compiled"] / t["eager"], 3),
-        "max_abs_diff": _max_abs_diff(out["compiled"], out["eager"]),
+        "max_abs_diff": max_abs_diff(out["compiled"], out["eager"]),
     }
 
 
@@ -203,10 +181,7 @@ def run(repeats: int = 5) -> dict:
     out: dict[str, Any] = {
         "what": "one FLUX.1 DiT forward, ours / diffusers FluxTransformer2DModel, same weights; median of "
         f"{repeats} interleaved calls after a warm-up; ratio < 1: ours is faster",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        **cpu_header(),
         "step": [],
         "cfg": [],
     }
@@ -226,10 +201,7 @@ def run(repeats: int = 5) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        f"torch {result['torch']}, {result['threads']} threads, {result['cpu_capability']}, load average "
-        f"{result['load_average_before'][0]} -> {result['load_average_after'][0]}"
-    ]
+    lines = [header_line(result)]
     lines.append(f"{'config':<16}{'dtype':<10}{'tokens':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}")
     for r in result["step"]:
         lines.append(

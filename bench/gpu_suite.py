@@ -16,19 +16,14 @@ Median of `repeats` forwards after warm-ups, ours and diffusers' alternating, CU
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from bench.timing import interleaved, sync
 
 
 def _allocated(device: torch.device, peak: bool = False) -> int:
@@ -42,21 +37,6 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def _interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> tuple[dict, dict]:
-    outputs = {name: fn().float() for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 def _row(t: dict, out: dict, **info) -> dict:
@@ -130,7 +110,7 @@ def flux_dev_step(device: torch.device, quick: bool, repeats: int) -> dict:
         )
 
     with torch.inference_mode():
-        times, out = _interleaved({"diffusers": reference, "ours": mine}, repeats)
+        times, out = interleaved({"diffusers": reference, "ours": mine}, repeats, warmups=2)
         row = _row(
             times,
             out,
@@ -149,7 +129,7 @@ def flux_dev_step(device: torch.device, quick: bool, repeats: int) -> dict:
                 img=img2, img_ids=ids, txt=ctx2, txt_ids=txt_ids, timesteps=t2, y=y2, guidance=g2, pe=pe
             )
 
-        ct, _ = _interleaved({"two": two, "batched": batched}, repeats)
+        ct, _ = interleaved({"two": two, "batched": batched}, repeats, warmups=2)
         row["cfg_batched_vs_two_calls"] = round(ct["batched"] / ct["two"], 3)
     return row
 
@@ -194,7 +174,7 @@ def wan14b_step(device: torch.device, quick: bool, repeats: int) -> dict:
         return ours(x, t, ctx)
 
     with torch.inference_mode():
-        times, out = _interleaved({"diffusers": reference, "ours": mine}, repeats)
+        times, out = interleaved({"diffusers": reference, "ours": mine}, repeats, warmups=2)
     f, h, w = latent
     return _row(
         times,
@@ -260,7 +240,7 @@ def memory_modes(device: torch.device, quick: bool) -> dict:
             _reset_peak(device)
             t0 = time.perf_counter()
             latents = adapter.denoise(inputs, lambda s, t: None, lambda: False)["latents"]
-            _sync()
+            sync()
             seconds = time.perf_counter() - t0
             peak = _allocated(device, peak=True) - base
             idle = _allocated(device) - base

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
 
+from bench.timing import cpu_header, dtype_name, header_line, interleaved, max_abs_diff
 from services.denoiser.convert.wan import load_wan_state_dict
 from services.denoiser.models.wan import WanDiT
 
@@ -38,19 +37,6 @@ CONFIGS = {
 }
 DTYPES = (torch.float32, torch.bfloat16)
 TIMESTEP = 700.0
-
-
-def _interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeats: int) -> tuple[dict, dict]:
-    """Median seconds of each fn, called in turn `repeats` times after one warm-up call each; and the
-    warm-up outputs (as float32)."""
-    outputs = {name: fn().float() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 def _pair(cfg: dict, dtype: torch.dtype) -> tuple[WanTransformer3DModel, WanDiT]:
@@ -91,14 +77,6 @@ def _inputs(cfg: dict, dtype: torch.dtype, batch: int = 1, seed: int = 0) -> dic
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(f"{(a - b).abs().max().item():.3g}")
-
-
 def step_row(name: str, cfg: dict, ref: WanTransformer3DModel, ours: WanDiT, repeats: int) -> dict:
     dtype = ours.patch_embedding.weight.dtype
     x = _inputs(cfg, dtype)
@@ -110,11 +88,11 @@ def step_row(name: str, cfg: dict, ref: WanTransformer3DModel, ours: WanDiT, rep
         return ours(x["hidden_states"], x["timestep"], x["encoder_hidden_states"])
 
     with torch.inference_mode():
-        t, out = _interleaved({"diffusers": reference, "ours": mine}, repeats)
+        t, out = interleaved({"diffusers": reference, "ours": mine}, repeats)
     f, h, w = cfg["latent"]
     return {
         "config": name,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "model": f"dim {cfg['dim']} ({cfg['heads']} heads), ffn {cfg['ffn_dim']}, {cfg['layers']} blocks, "
         f"{cfg['channels']} channels",
         "latent": f"{f}x{h}x{w}",
@@ -124,7 +102,7 @@ def step_row(name: str, cfg: dict, ref: WanTransformer3DModel, ours: WanDiT, rep
         "diffusers_ms": round(t["diffusers"] * 1000, 2),
         "ratio": round(t["ours"] / t["diffusers"], 3),
         "repeats": repeats,
-        "max_abs_diff": _max_abs_diff(out["ours"], out["diffusers"]),
+        "max_abs_diff": max_abs_diff(out["ours"], out["diffusers"]),
         "output_abs_mean": float(f"{out['diffusers'].abs().mean().item():.3g}"),
     }
 
@@ -135,10 +113,7 @@ def run(repeats: int = 5) -> dict:
     out: dict[str, Any] = {
         "what": "one Wan DiT forward, ours / diffusers WanTransformer3DModel, same weights; median of "
         f"{repeats} interleaved calls after a warm-up; ratio < 1: ours is faster",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        **cpu_header(),
         "step": [],
     }
     for name, cfg in CONFIGS.items():
@@ -152,10 +127,7 @@ def run(repeats: int = 5) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        f"torch {result['torch']}, {result['threads']} threads, {result['cpu_capability']}, load average "
-        f"{result['load_average_before'][0]} -> {result['load_average_after'][0]}"
-    ]
+    lines = [header_line(result)]
     lines.append(
         f"{'config':<8}{'dtype':<10}{'tokens':<10}{'timestep':<12}{'ours ms':>10}{'diffusers ms':>14}"
         f"{'ratio':>8}{'max diff':>10}"

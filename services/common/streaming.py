@@ -24,21 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from services.common.errors import InvalidArgument
 from services.common.memory import storage_dtype_for
+from services.common.wire import DTYPES  # safetensors dtype names
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 MAX_HEADER_BYTES = 100 * 2**20
 
 
