@@ -34,12 +34,13 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from services.denoiser.convert.flux_lora import (
-    _TEXT_ENCODER,
-    _keys,
-    _peft_scaling,
-    _split,
-    _unsupported,
+from services.denoiser.convert.lora_keys import (
+    PREFIXES,
+    common_problems,
+    down_up_scale,
+    group_keys,
+    name_keys,
+    peft_scaling,
 )
 from services.denoiser.convert.wan import _BLOCK, _BLOCK_MODULES, _TOP_MODULES
 from services.denoiser.lora import LoraDelta, LoraLayoutError
@@ -47,7 +48,6 @@ from services.denoiser.lora import LoraDelta, LoraLayoutError
 __all__ = ["LoraLayoutError", "wan_lora_deltas"]
 
 FAMILY = "Wan"
-_PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 _BLOCK_KOHYA = re.compile(r"^blocks_(\d+)_(.+)$")
 
@@ -111,111 +111,53 @@ def _resolve(module: str) -> _Target | None:
     for prefix in _KOHYA_PREFIXES:
         if module.startswith(prefix):
             return _lookup(module.removeprefix(prefix), "_")
-    for prefix in _PREFIXES:
+    for prefix in PREFIXES:
         if module.startswith(prefix):
             module = module.removeprefix(prefix)
             break
     return _lookup(module, ".")
 
 
-class _Entry(NamedTuple):
-    target: _Target
-    peft: bool  # lora_A / lora_B keys: peft metadata may scale them
-
-
 def wan_lora_deltas(
     state_dict: Mapping[str, Tensor], source: str = "<state dict>", metadata: Mapping[str, str] | None = None
 ) -> list[LoraDelta]:
     """A Wan LoRA (any known layout) -> deltas on `WanDiT`'s module names; `LoraLayoutError` names bad keys."""
-    tensors: dict[str, dict[str, Tensor]] = {}
-    entries: dict[str, _Entry] = {}
-    refused: dict[str, list[str]] = {}  # module -> its keys
-    text_keys, unsupported, untargeted, unknown, duplicate = [], [], [], [], []
-    for key, tensor in state_dict.items():
-        if key.startswith(_TEXT_ENCODER):
-            text_keys.append(key)
-            continue
-        kinds = _unsupported(key)
-        if kinds:
-            unsupported.append(f"{key} ({', '.join(kinds)})")
-            continue
-        split = _split(key)
-        if split is None:
-            unknown.append(key)
-            continue
-        module, role, peft = split
-        entry = entries.get(module)
-        if entry is None:
-            target = _resolve(module)
-            if target is None:
-                untargeted.append(key)
-                continue
-            if target.module in REFUSED:
-                refused.setdefault(target.module, []).append(key)
-                continue
-            entry = entries[module] = _Entry(target, peft)
-        roles = tensors.setdefault(module, {})
-        if role in roles:
-            duplicate.append(key)
-        roles[role] = tensor
-
-    if not (entries or refused or text_keys):
+    grouped = group_keys(state_dict, _resolve)
+    if not (grouped.targets or grouped.text_keys):
         raise LoraLayoutError(
             f"{source}: not a {FAMILY} LoRA in a known layout ({len(state_dict)} keys, e.g. "
-            f"{_keys(state_dict, 5)}); known: diffusers/peft 'transformer.<module>.lora_A.weight', official / "
+            f"{name_keys(state_dict, 5)}); known: diffusers/peft 'transformer.<module>.lora_A.weight', official / "
             "ComfyUI 'diffusion_model.<module>.lora_down.weight', kohya / musubi 'lora_unet_<module>.lora_down.weight'"
         )
-    problems = []
-    if unsupported:
-        problems.append(f"unsupported LoRA variants {_keys(unsupported)}")
-    for module, keys in refused.items():
-        problems.append(f"keys on {module}, {REFUSED[module]} {_keys(keys)}")
-    if untargeted:
-        problems.append(f"keys that target no {FAMILY} transformer Linear {_keys(untargeted)}")
-    if unknown:
-        problems.append(f"keys of no known LoRA layout {_keys(unknown)}")
-    if duplicate:
-        problems.append(f"keys given twice (with and without '.default'?) {_keys(duplicate)}")
+    problems = common_problems(grouped, FAMILY)
+    refused: dict[str, list[str]] = {}  # our module -> the file's module paths on it
     spellings: dict[str, list[str]] = {}
-    for module, entry in entries.items():
-        spellings.setdefault(entry.target.module, []).append(module)
+    for module, target in grouped.targets.items():
+        (refused if target.module in REFUSED else spellings).setdefault(target.module, []).append(module)
+    for module, paths in refused.items():
+        keys = [key for path in paths for key in grouped.keys[path]]
+        problems.append(f"keys on {module}, {REFUSED[module]} {name_keys(keys)}")
     twice = [
         f"{target} as {' and '.join(sorted(names))}" for target, names in spellings.items() if len(names) > 1
     ]
     if twice:
-        problems.append(f"modules given twice under different names {_keys(twice)}")
-    if text_keys:
+        problems.append(f"modules given twice under different names {name_keys(twice)}")
+    if grouped.text_keys:
         problems.append(
-            f"{len(text_keys)} text-encoder LoRA keys {_keys(text_keys, 3)}: text-encoder LoRAs are not "
-            "supported (only the transformer's)"
+            f"{len(grouped.text_keys)} text-encoder LoRA keys {name_keys(grouped.text_keys, 3)}: text-encoder "
+            "LoRAs are not supported (only the transformer's)"
         )
     if problems:
         raise LoraLayoutError(f"{source}: {FAMILY} LoRA: " + "; ".join(problems))
 
-    peft_scaling = _peft_scaling(metadata, source) if any(e.peft for e in entries.values()) else None
+    scaling = peft_scaling(metadata, source) if any(grouped.peft.values()) else None
     deltas = []
-    for module in sorted(entries):
-        entry, roles = entries[module], tensors[module]
-        missing = [role for role in ("down", "up") if role not in roles]
-        if missing:
-            raise LoraLayoutError(
-                f"{source}: {FAMILY} LoRA on {module}: no {' and no '.join(missing)} weight"
-            )
-        down, up = roles["down"], roles["up"]
-        if "alpha" in roles:
-            alpha = roles["alpha"]
-            rank = down.shape[0] if down.ndim == 2 else 0
-            if alpha.numel() != 1 or rank == 0:
-                raise LoraLayoutError(
-                    f"{source}: {module}.alpha must be one number, got {tuple(alpha.shape)}"
-                )
-            alpha_scale = float(alpha.item()) / rank
-        elif entry.peft and peft_scaling is not None:
-            alpha_scale = peft_scaling.scale(entry.target.diffusers_name)
-        else:
-            alpha_scale = 1.0
+    for module in sorted(grouped.targets):
+        target = grouped.targets[module]
+        peft_scale = scaling.scale(target.diffusers_name) if grouped.peft[module] and scaling else None
+        down, up, alpha_scale = down_up_scale(source, FAMILY, module, grouped.roles[module], peft_scale)
         try:
-            deltas.append(LoraDelta(entry.target.module, down, up, alpha_scale))
+            deltas.append(LoraDelta(target.module, down, up, alpha_scale))
         except LoraLayoutError as exc:
             raise LoraLayoutError(f"{source}: {FAMILY} {exc} (keys {module}.*)") from None
     return deltas
