@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from services.denoiser.convert.checkpoint import name_keys, state_dict_mismatch
 from services.denoiser.models.flux import Flux, FluxParams
 
 Layout = Literal["bfl", "diffusers"]
@@ -96,12 +97,6 @@ class CheckpointLayoutError(ValueError):
     """A checkpoint that is not (or not all of) the expected family and layout; names the keys."""
 
 
-def _names(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + more + "]"
-
-
 def _swap_halves(t: Tensor) -> Tensor:
     """`[a; b] -> [b; a]` on dim 0: (shift, scale) <-> (scale, shift) of the final adaLN."""
     first, second = t.chunk(2, dim=0)
@@ -129,8 +124,8 @@ def detect_flux_layout(keys: Iterable[str], *, source: str = "<state dict>") -> 
         return "diffusers"
     raise CheckpointLayoutError(
         f"{source}: not a {FAMILY} checkpoint in the BFL or diffusers layout "
-        f"({len(present)} keys, e.g. {_names(present, 5)}); "
-        f"missing BFL keys {_names(missing_bfl)}; missing diffusers keys {_names(missing_diffusers)}"
+        f"({len(present)} keys, e.g. {name_keys(present, 5)}); "
+        f"missing BFL keys {name_keys(missing_bfl)}; missing diffusers keys {name_keys(missing_diffusers)}"
     )
 
 
@@ -175,13 +170,15 @@ def diffusers_to_bfl(state_dict: Mapping[str, Tensor], *, source: str = "<state 
         else:
             parts.setdefault(bfl_key, [None] * n_parts)[part] = tensor
     if unknown:
-        raise CheckpointLayoutError(f"{source}: {FAMILY} (diffusers layout): unknown keys {_names(unknown)}")
+        raise CheckpointLayoutError(
+            f"{source}: {FAMILY} (diffusers layout): unknown keys {name_keys(unknown)}"
+        )
     incomplete = [
         f"{k} (parts {[i for i, t in enumerate(ts) if t is None]})" for k, ts in parts.items() if None in ts
     ]
     if incomplete:
         raise CheckpointLayoutError(
-            f"{source}: {FAMILY} (diffusers layout): fused projections missing parts {_names(incomplete)}"
+            f"{source}: {FAMILY} (diffusers layout): fused projections missing parts {name_keys(incomplete)}"
         )
     for bfl_key, tensors in parts.items():
         out[bfl_key] = torch.cat([t for t in tensors if t is not None], dim=0)  # all parts present
@@ -253,18 +250,9 @@ def check_flux_state_dict(state_dict: Mapping[str, Tensor], params: FluxParams, 
     """Raise `CheckpointLayoutError` unless the keys and shapes are exactly those of `Flux(params)`."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Flux(params).state_dict().items()}
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(shape)}"
-        for k, shape in expected.items()
-        if k in state_dict and state_dict[k].shape != shape
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointLayoutError(
-            f"{source}: {FAMILY} (BFL layout) does not match {params}: missing keys {_names(missing)}; "
-            f"unexpected keys {_names(unexpected)}; wrong shapes {_names(wrong)}"
-        )
+    mismatch = state_dict_mismatch(state_dict, expected)
+    if mismatch:
+        raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout) does not match {params}: {mismatch}")
 
 
 def load_flux_state_dict(
@@ -328,7 +316,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, Tensor], *, source: str = "<state 
             stop = tensor.shape[0] if part == parts - 1 else start + hidden
             out[f"{prefix}{diffusers}.{param}"] = tensor[start:stop].contiguous()
     if unknown:
-        raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout): unknown keys {_names(unknown)}")
+        raise CheckpointLayoutError(f"{source}: {FAMILY} (BFL layout): unknown keys {name_keys(unknown)}")
     return out
 
 

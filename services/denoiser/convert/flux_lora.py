@@ -34,13 +34,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from services.denoiser.convert.checkpoint import name_keys
 from services.denoiser.convert.flux import _DOUBLE, _SINGLE, _TOP, FINAL_ADALN
 from services.denoiser.convert.lora_keys import (
     PREFIXES,
     common_problems,
     down_up_scale,
     group_keys,
-    name_keys,
     peft_scaling,
 )
 from services.denoiser.lora import LoraDelta, LoraLayoutError

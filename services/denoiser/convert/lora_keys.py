@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
+from services.denoiser.convert.checkpoint import name_keys
 from services.denoiser.lora import LoraLayoutError
 
 T = TypeVar("T")
@@ -68,12 +69,6 @@ def split_key(key: str) -> tuple[str, str, bool] | None:
         if key.endswith(suffix):
             return key.removesuffix(suffix), role, suffix in _PEFT_SUFFIXES
     return None
-
-
-def name_keys(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + more + "]"
 
 
 class PeftScaling:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from services.denoiser.convert.checkpoint import name_keys, state_dict_mismatch
 from services.denoiser.convert.flux import CheckpointLayoutError, strip_prefix
 from services.denoiser.models.wan import WanDiT, WanParams
 
@@ -115,12 +116,6 @@ _TO_WAN: _Tables = (_TOP_MODULES, _BLOCK_MODULES, _TOP_PARAMS, _BLOCK_PARAMS)
 _TO_DIFFUSERS: _Tables = tuple({v: k for k, v in t.items()} for t in _TO_WAN)  # type: ignore[assignment]
 
 
-def _names(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + more + "]"
-
-
 def detect_wan_layout(keys: Iterable[str], *, source: str = "<state dict>") -> Layout:
     """`"wan"` (official) or `"diffusers"` from the presence of named keys (prefix already stripped);
     `CheckpointLayoutError` names what is missing from each."""
@@ -133,8 +128,8 @@ def detect_wan_layout(keys: Iterable[str], *, source: str = "<state dict>") -> L
         return "diffusers"
     raise CheckpointLayoutError(
         f"{source}: not a {FAMILY} checkpoint in the Wan or diffusers layout "
-        f"({len(present)} keys, e.g. {_names(present, 5)}); "
-        f"missing Wan keys {_names(missing_wan)}; missing diffusers keys {_names(missing_diffusers)}"
+        f"({len(present)} keys, e.g. {name_keys(present, 5)}); "
+        f"missing Wan keys {name_keys(missing_wan)}; missing diffusers keys {name_keys(missing_diffusers)}"
     )
 
 
@@ -172,7 +167,9 @@ def _convert(
         else:
             out[new] = tensor
     if unknown:
-        raise CheckpointLayoutError(f"{source}: {FAMILY} ({layout} layout): unknown keys {_names(unknown)}")
+        raise CheckpointLayoutError(
+            f"{source}: {FAMILY} ({layout} layout): unknown keys {name_keys(unknown)}"
+        )
     return out
 
 
@@ -217,7 +214,7 @@ def num_heads_from_config(config: Mapping[str, Any], *, source: str = "<config>"
             return value
     raise CheckpointLayoutError(
         f"{source}: no positive integer num_attention_heads (diffusers) or num_heads (Wan) in the config; "
-        f"keys {_names(config.keys())}"
+        f"keys {name_keys(config.keys())}"
     )
 
 
@@ -291,18 +288,9 @@ def check_wan_state_dict(state_dict: Mapping[str, Tensor], params: WanParams, *,
             expected = {k: v.shape for k, v in WanDiT(params).state_dict().items()}
     except ValueError as e:
         raise CheckpointLayoutError(f"{source}: {FAMILY}: inconsistent params {params}: {e}") from None
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(shape)}"
-        for k, shape in expected.items()
-        if k in state_dict and state_dict[k].shape != shape
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointLayoutError(
-            f"{source}: {FAMILY} (Wan layout) does not match {params}: missing keys {_names(missing)}; "
-            f"unexpected keys {_names(unexpected)}; wrong shapes {_names(wrong)}"
-        )
+    mismatch = state_dict_mismatch(state_dict, expected)
+    if mismatch:
+        raise CheckpointLayoutError(f"{source}: {FAMILY} (Wan layout) does not match {params}: {mismatch}")
 
 
 def load_wan_state_dict(

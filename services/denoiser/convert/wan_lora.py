@@ -34,12 +34,12 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from services.denoiser.convert.checkpoint import name_keys
 from services.denoiser.convert.lora_keys import (
     PREFIXES,
     common_problems,
     down_up_scale,
     group_keys,
-    name_keys,
     peft_scaling,
 )
 from services.denoiser.convert.wan import _BLOCK, _BLOCK_MODULES, _TOP_MODULES
