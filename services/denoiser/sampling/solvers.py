@@ -37,7 +37,7 @@ class SamplingCancelled(Exception):
         self.total = total
 
 
-def _check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Validate ``x`` and ``sigmas``; return sigmas as float32 on the CPU."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -49,12 +49,12 @@ def _check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.detach().to(device="cpu", dtype=torch.float32)
 
 
-def _check_cancelled(is_cancelled: Callable[[], bool] | None, step: int, total: int) -> None:
+def check_cancelled(is_cancelled: Callable[[], bool] | None, step: int, total: int) -> None:
     if is_cancelled is not None and is_cancelled():
         raise SamplingCancelled(step, total)
 
 
-def _call_model(model: Model, x: torch.Tensor, sigma: torch.Tensor, extra: Mapping[str, Any]) -> torch.Tensor:
+def call_model(model: Model, x: torch.Tensor, sigma: torch.Tensor, extra: Mapping[str, Any]) -> torch.Tensor:
     v = model(x, sigma, **extra)
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -78,13 +78,13 @@ def sample_euler(
     ``dt * v`` runs in ``v``'s dtype, the sum in float32, then the result is cast back to ``x``'s dtype
     (diffusers casts to ``v``'s dtype; the two agree whenever the model returns ``x``'s dtype).
     """
-    sigmas = _check_inputs(x, sigmas)
+    sigmas = check_inputs(x, sigmas)
     extra = dict(extra_args or {})
     total = sigmas.numel() - 1
     for i in range(total):
-        _check_cancelled(is_cancelled, i, total)
+        check_cancelled(is_cancelled, i, total)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = _call_model(model, x, sigma, extra)
+        v = call_model(model, x, sigma, extra)
         x_prev = x
         x = (x.to(torch.float32) + (sigma_next - sigma) * v).to(x.dtype)
         if callback is not None:

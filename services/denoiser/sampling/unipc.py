@@ -35,9 +35,9 @@ from services.denoiser.sampling.scheduler_config import SOLVER_TYPES, UNIPC, Sch
 from services.denoiser.sampling.solvers import (
     Model,
     StepCallback,
-    _call_model,
-    _check_cancelled,
-    _check_inputs,
+    call_model,
+    check_cancelled,
+    check_inputs,
 )
 
 
@@ -180,7 +180,7 @@ def sample_unipc(
     ``prev_sample``, corrected at the next step) and ``denoised`` the model's ``x0`` estimate at ``sigma_i``.
     ``disable_corrector`` lists steps ``j`` whose prediction is not corrected (at step ``j + 1``).
     """
-    sigmas = _check_inputs(x, sigmas)
+    sigmas = check_inputs(x, sigmas)
     disable = frozenset(disable_corrector)
     _check_unipc_args(sigmas, order, solver_type, lower_order_final, list(disable))
     extra = dict(extra_args or {})
@@ -190,9 +190,9 @@ def sample_unipc(
     x_prev: torch.Tensor | None = None  # the sample the last prediction started from
     prev_order = 0
     for i in range(total):
-        _check_cancelled(is_cancelled, i, total)
+        check_cancelled(is_cancelled, i, total)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = _call_model(model, x, sigma, extra)
+        v = call_model(model, x, sigma, extra)
         m = x - sigma * v  # x0 = x - sigma v
         if x_prev is not None and i - 1 not in disable:
             x = unipc_correct(x_prev, m, ms[:prev_order], ms_sigmas[:prev_order], sigma, solver_type)
