@@ -7,12 +7,14 @@ import io
 import json
 import secrets
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from orchestrator.errors import invalid
+from orchestrator.pngtext import PARAMETERS_KEY, with_text
 from protos import common_pb2, orchestrator_pb2
 
 DEFAULTS_FILE = (
@@ -123,3 +125,35 @@ def refuse_unused(request: orchestrator_pb2.GenerateRequest, family: str, fields
             used = bool(getattr(holder, leaf))
         if used:
             raise invalid(f"{name} is set, but {family} does not use it")
+
+
+def result(
+    params: Any, images: list[bytes], values: Mapping[str, Any], hidden: tuple[str, ...] = ()
+) -> orchestrator_pb2.GenerateResult:
+    """The GenerateResult of a family's params dataclass (with `seed`, `return_latents`): the resolved parameters
+    as JSON (fields in `hidden`, `return_latents` and unset ones left out) in the result and in each PNG's
+    tEXt chunk, and the store refs of the decoded pixels (and the latents when asked)."""
+    shown = {
+        k: v for k, v in asdict(params).items() if v is not None and k not in ("return_latents", *hidden)
+    }
+    text = parameters_text(shown)
+    out = orchestrator_pb2.GenerateResult(seed=params.seed, parameters=text)
+    out.images.extend(with_text(png, {PARAMETERS_KEY: text}) for png in images)
+    for name in ("pixels", "latents") if params.return_latents else ("pixels",):
+        if values[name].WhichOneof("value") == "ref":
+            out.outputs.append(values[name].ref)
+    return out
+
+
+def loras_of(request: orchestrator_pb2.GenerateRequest) -> tuple[list[tuple[str, float]], str]:
+    """The request's LoRAs as (spec, scale) (scale 0 = unset = 1.0) and the LoRA mode ("hot" / "fused")."""
+    mode = "fused" if request.lora_mode == common_pb2.LORA_MODE_FUSED else "hot"
+    return [(lora.spec, lora.scale or 1.0) for lora in request.loras], mode
+
+
+def lora_fields(loras: list[tuple[str, float]], mode: str) -> dict[str, Any]:
+    """The DenoiseRequest fields of resolved LoRAs."""
+    return {
+        "loras": [common_pb2.LoraSpec(spec=s, scale=w) for s, w in loras],
+        "lora_mode": common_pb2.LORA_MODE_FUSED if mode == "fused" else common_pb2.LORA_MODE_HOT,
+    }

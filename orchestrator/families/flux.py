@@ -11,7 +11,7 @@ second pass on the negative prompt, the empty prompt when none is given) runs wh
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ from orchestrator.errors import invalid
 from orchestrator.families import FAMILIES, Family, Plan, stages
 from orchestrator.families import common as c
 from orchestrator.graph import Graph, Stage
-from orchestrator.pngtext import PARAMETERS_KEY, with_text
 from orchestrator.runner import RunContext
-from protos import common_pb2, denoiser_pb2, orchestrator_pb2, text_encoder_pb2, vae_pb2
+from protos import denoiser_pb2, orchestrator_pb2, text_encoder_pb2, vae_pb2
 
 NAME = "flux"
 TASKS = ("t2i", "img2img")
@@ -127,8 +126,7 @@ def _denoise(client: Any, inputs: Mapping[str, Any], ctx: RunContext) -> dict[st
         height=p.height,
         batch_size=p.batch_size,
         guidance=p.guidance,
-        loras=[common_pb2.LoraSpec(spec=s, scale=w) for s, w in p.loras],
-        lora_mode=common_pb2.LORA_MODE_FUSED if p.lora_mode == "fused" else common_pb2.LORA_MODE_HOT,
+        **c.lora_fields(p.loras, p.lora_mode),
     )
     if p.shift is not None:
         req.sampler.shift = p.shift
@@ -223,6 +221,7 @@ def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> P
     size = c.image_size(request.input_images[0], "input_images[0]") if task == "img2img" else None
     width = c.pick(request, "width", rec, size[0] // FACTOR * FACTOR if size else fam.width)
     height = c.pick(request, "height", rec, size[1] // FACTOR * FACTOR if size else fam.height)
+    loras, lora_mode = c.loras_of(request)
     p = FluxRequest(
         family=NAME,
         task=task,
@@ -238,8 +237,8 @@ def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> P
         cfg_scale=float(c.pick(request, "cfg_scale", rec, fam.cfg_scale)),
         max_sequence_length=int(c.pick(request, "max_sequence_length", rec, fam.max_sequence_length)),
         batch_size=request.batch_size or 1,
-        loras=[(lora.spec, lora.scale or 1.0) for lora in request.loras],
-        lora_mode="fused" if request.lora_mode == common_pb2.LORA_MODE_FUSED else "hot",
+        loras=loras,
+        lora_mode=lora_mode,
         strength=(request.strength if request.HasField("strength") else fam.strength)
         if task == "img2img"
         else None,
@@ -276,15 +275,7 @@ def _check(p: FluxRequest) -> None:
 
 
 def finish(values: Mapping[str, Any], plan: Plan) -> orchestrator_pb2.GenerateResult:
-    p: FluxRequest = plan.params
-    params = {k: v for k, v in asdict(p).items() if v is not None and k != "return_latents"}
-    text = c.parameters_text(params)
-    result = orchestrator_pb2.GenerateResult(seed=p.seed, parameters=text)
-    result.images.extend(with_text(png, {PARAMETERS_KEY: text}) for png in values["images"])
-    for name in ("pixels", "latents") if p.return_latents else ("pixels",):
-        if values[name].WhichOneof("value") == "ref":
-            result.outputs.append(values[name].ref)
-    return result
+    return c.result(plan.params, values["images"], values)
 
 
 FAMILIES[NAME] = Family(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from orchestrator.errors import invalid
 from orchestrator.families import FAMILIES, Family, Plan, stages
 from orchestrator.families import common as c
 from orchestrator.graph import Graph, Stage
-from orchestrator.pngtext import PARAMETERS_KEY, with_text
 from orchestrator.runner import RunContext
 from protos import common_pb2, denoiser_pb2, orchestrator_pb2, tensor_pb2, text_encoder_pb2, vae_pb2
 
@@ -176,8 +175,7 @@ def _denoise(client: Any, inputs: Mapping[str, Any], ctx: RunContext) -> dict[st
         height=p.height,
         num_frames=p.num_frames,
         batch_size=1,
-        loras=[common_pb2.LoraSpec(spec=s, scale=w) for s, w in p.loras],
-        lora_mode=common_pb2.LORA_MODE_FUSED if p.lora_mode == "fused" else common_pb2.LORA_MODE_HOT,
+        **c.lora_fields(p.loras, p.lora_mode),
     )
     req.sampler.solver = p.solver
     if p.shift is not None:
@@ -339,6 +337,7 @@ def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> P
         frames = _video_frames(request.input_video)
     else:
         frames = int(c.pick(request, "num_frames", rec, fam.num_frames))
+    loras, lora_mode = c.loras_of(request)
     p = WanRequest(
         family=NAME,
         task=task,
@@ -355,8 +354,8 @@ def plan(request: orchestrator_pb2.GenerateRequest, model_dir: Path | None) -> P
         cfg_scale=float(c.pick(request, "cfg_scale", rec, fam.cfg_scale)),
         cfg_scale_2=float(request.cfg_scale_2) if request.HasField("cfg_scale_2") else None,
         max_sequence_length=int(c.pick(request, "max_sequence_length", rec, fam.max_sequence_length)),
-        loras=[(lora.spec, lora.scale or 1.0) for lora in request.loras],
-        lora_mode="fused" if request.lora_mode == common_pb2.LORA_MODE_FUSED else "hot",
+        loras=loras,
+        lora_mode=lora_mode,
         solver=solver,
         shift=request.sampler.shift if request.sampler.HasField("shift") else None,
         frames_png=request.output.video_frames_png,
@@ -415,17 +414,9 @@ def _check(p: WanRequest, factor: int) -> None:
 
 
 def finish(values: Mapping[str, Any], plan: Plan) -> orchestrator_pb2.GenerateResult:
-    p: WanRequest = plan.params
-    params = {
-        k: v for k, v in asdict(p).items() if v is not None and k not in ("return_latents", "frames_png")
-    }
-    text = c.parameters_text(params)
-    result = orchestrator_pb2.GenerateResult(seed=p.seed, parameters=text, video=values["video"])
-    result.images.extend(with_text(png, {PARAMETERS_KEY: text}) for png in values["frames"])
-    for name in ("pixels", "latents") if p.return_latents else ("pixels",):
-        if values[name].WhichOneof("value") == "ref":
-            result.outputs.append(values[name].ref)
-    return result
+    out = c.result(plan.params, values["frames"], values, hidden=("frames_png",))
+    out.video = values["video"]
+    return out
 
 
 FAMILIES[NAME] = Family(
