@@ -187,7 +187,6 @@ def wan14b_step(device: torch.device, quick: bool, repeats: int) -> dict:
 def memory_modes(device: torch.device, quick: bool) -> dict:
     from diffusers import FluxTransformer2DModel
 
-    from protos import common_pb2
     from services.common.memory import MemoryPlan
     from services.common.models import find_component
     from services.denoiser.inputs import DenoiseInputs
@@ -230,12 +229,7 @@ def memory_modes(device: torch.device, quick: bool) -> dict:
             component = find_component(folder, ["transformer"])
             adapter = DENOISERS[component.class_name](component, device, MemoryPlan.parse(mode))
             loaded = _allocated(device) - base
-            inputs = DenoiseInputs(
-                seed=1, steps=2, width=side, height=side, num_frames=0, batch_size=1, guidance=3.5,
-                cfg_scale=None, cfg_scale_2=None, positive=positive, negative={}, init_latents=None,
-                strength=None, mask=None, reference_latents=[], image_embeds={}, audio_embeds={}, loras=[],
-                lora_mode=common_pb2.LORA_MODE_HOT, solver="", shift=None, sigmas=[], preview_every=0,
-            )  # fmt: skip
+            inputs = DenoiseInputs(seed=1, steps=2, width=side, height=side, guidance=3.5, positive=positive)
             adapter.denoise(inputs, lambda s, t: None, lambda: False)  # warm-up
             _reset_peak(device)
             t0 = time.perf_counter()

@@ -53,20 +53,15 @@ from services.common.memory import MemoryPlan
 from services.common.models import find_component
 from services.denoiser.registry import DENOISERS
 from services.denoiser.inputs import DenoiseInputs
-import protos.common_pb2 as common_pb2
 torch.set_num_threads(2)
 folder, mode = sys.argv[1], sys.argv[2]
 if mode != "baseline":
     component = find_component(__import__("pathlib").Path(folder), ["transformer"])
     adapter = DENOISERS[component.class_name](component, torch.device("cpu"), MemoryPlan.parse(mode))
     g = torch.Generator().manual_seed(0)
-    inputs = DenoiseInputs(seed=1, steps=2, width=256, height=256, num_frames=0, batch_size=1, guidance=3.5,
-        cfg_scale=None, cfg_scale_2=None,
+    inputs = DenoiseInputs(seed=1, steps=2, width=256, height=256, guidance=3.5,
         positive={"prompt_embeds": torch.randn(1, 64, 1024, generator=g),
-                  "pooled_prompt_embeds": torch.randn(1, 256, generator=g)},
-        negative={}, init_latents=None, strength=None, mask=None, reference_latents=[], image_embeds={},
-        audio_embeds={}, loras=[], lora_mode=common_pb2.LORA_MODE_HOT, solver="", shift=None, sigmas=[],
-        preview_every=0)
+                  "pooled_prompt_embeds": torch.randn(1, 256, generator=g)})
     import time
     t0 = time.perf_counter()
     out = adapter.denoise(inputs, lambda s, t: None, lambda: False)["latents"]

@@ -23,31 +23,34 @@ MAX_LORAS = 8
 MIN_SHIFT, MAX_SHIFT = 0.01, 100.0  # flow-matching shift, as the orchestrator's families check it
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DenoiseInputs:
+    """One request's inputs; everything but the seed, size, steps and prompt embeddings defaults to "not
+    given" (the request decoder sets every field; tests and benches name only what they use)."""
+
     seed: int
     steps: int
     width: int
     height: int
-    num_frames: int
-    batch_size: int
-    guidance: float | None
-    cfg_scale: float | None
-    cfg_scale_2: float | None
     positive: dict[str, torch.Tensor]
-    negative: dict[str, torch.Tensor]
-    init_latents: torch.Tensor | None
-    strength: float | None
-    mask: torch.Tensor | None
-    reference_latents: list[torch.Tensor]
-    image_embeds: dict[str, torch.Tensor]
-    audio_embeds: dict[str, torch.Tensor]
-    loras: list[tuple[str, float]]
-    lora_mode: int
-    solver: str
-    shift: float | None
-    sigmas: list[float]
-    preview_every: int
+    num_frames: int = 0
+    batch_size: int = 1
+    guidance: float | None = None
+    cfg_scale: float | None = None
+    cfg_scale_2: float | None = None
+    negative: dict[str, torch.Tensor] = field(default_factory=dict)
+    init_latents: torch.Tensor | None = None
+    strength: float | None = None
+    mask: torch.Tensor | None = None
+    reference_latents: list[torch.Tensor] = field(default_factory=list)
+    image_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    audio_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    lora_mode: int = common_pb2.LORA_MODE_HOT
+    solver: str = ""
+    shift: float | None = None
+    sigmas: list[float] = field(default_factory=list)
+    preview_every: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
 

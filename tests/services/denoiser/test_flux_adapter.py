@@ -11,7 +11,6 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from tiny_flux import TRANSFORMER
 
-from protos import common_pb2
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.models import find_component
 from services.denoiser.adapters.flux import image_ids, pack, unpack
@@ -32,24 +31,10 @@ def inputs(**kw) -> DenoiseInputs:
         batch_size=1,
         guidance=3.5,
         cfg_scale=None,
-        cfg_scale_2=None,
         positive={
             "prompt_embeds": torch.randn(1, 5, 32, generator=g),
             "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
         },
-        negative={},
-        init_latents=None,
-        strength=None,
-        mask=None,
-        reference_latents=[],
-        image_embeds={},
-        audio_embeds={},
-        loras=[],
-        lora_mode=common_pb2.LORA_MODE_HOT,
-        solver="",
-        shift=None,
-        sigmas=[],
-        preview_every=0,
     )
     base.update(kw)
     return DenoiseInputs(**base)

@@ -11,7 +11,6 @@ import torch
 from diffusers import FluxTransformer2DModel
 from tiny_flux import TRANSFORMER
 
-from protos import common_pb2
 from services.common.models import find_component
 from services.denoiser.adapters.flux import FluxAdapter, env_flag
 from services.denoiser.inputs import DenoiseInputs
@@ -39,21 +38,8 @@ def inputs(**kw) -> DenoiseInputs:
         batch_size=2,
         guidance=3.5,
         cfg_scale=4.0,
-        cfg_scale_2=None,
         positive=embeds(1),
         negative=embeds(2),
-        init_latents=None,
-        strength=None,
-        mask=None,
-        reference_latents=[],
-        image_embeds={},
-        audio_embeds={},
-        loras=[],
-        lora_mode=common_pb2.LORA_MODE_HOT,
-        solver="",
-        shift=None,
-        sigmas=[],
-        preview_every=0,
     )
     base.update(kw)
     return DenoiseInputs(**base)

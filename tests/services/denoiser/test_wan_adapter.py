@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 from tiny_wan import I2V_TEXT_TOKENS, IMAGE_DIM, IMAGE_TOKENS, T2V_TEXT_TOKENS, TEXT_DIM, tiny_wan
 from tiny_wan_vae import make_tiny_wan_vae
 
-from protos import common_pb2
 from services.common.errors import InvalidArgument
 from services.common.memory import MemoryPlan
 from services.common.models import find_component
@@ -59,21 +58,8 @@ def inputs(**kw) -> DenoiseInputs:
         batch_size=1,
         guidance=None,
         cfg_scale=None,
-        cfg_scale_2=None,
         positive={"prompt_embeds": pos},
         negative={"prompt_embeds": neg},
-        init_latents=None,
-        strength=None,
-        mask=None,
-        reference_latents=[],
-        image_embeds={},
-        audio_embeds={},
-        loras=[],
-        lora_mode=common_pb2.LORA_MODE_HOT,
-        solver="",
-        shift=None,
-        sigmas=[],
-        preview_every=0,
     )
     base.update(kw)
     return DenoiseInputs(**base)
