@@ -27,10 +27,6 @@ class Admission:
         self._running = 0
         self._waiting: list[object] = []
 
-    def snapshot(self) -> tuple[int, int]:
-        with self._cond:
-            return self._running, len(self._waiting)
-
     def wait(self, context: grpc.ServicerContext) -> Iterator[tuple[int, int]]:
         """Take a slot, yielding (position, queue size) whenever the position changes while waiting; the slot
         is held once the iterator is exhausted (give it back with `release`)."""

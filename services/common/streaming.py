@@ -140,9 +140,6 @@ class SafetensorsIndex(Mapping[str, torch.Tensor]):
         """Every tensor as a meta tensor (shape and dtype, no data): enough to infer and check a layout."""
         return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self._entries.items()}
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {k: self[k] for k in keys}
-
 
 # A block's weights: block-relative name -> (shape, the checkpoint keys concatenated along dim 0 to make it).
 BlockLayout = dict[str, tuple[tuple[int, ...], list[str]]]
