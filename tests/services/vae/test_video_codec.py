@@ -41,3 +41,21 @@ def test_bad_input():
     check_frames(81)
     with pytest.raises(InvalidArgument, match=r"num_frames=80: .*4k\+1 frames \(e.g. 77 or 81\)"):
         check_frames(80)
+
+
+def test_an_ffmpeg_that_dies_once_is_run_again(monkeypatch):
+    """ffmpeg exiting early (a broken pipe, seen once in CI) cannot be caused on purpose: the first run is made to
+    fail the way imageio-ffmpeg reports it, the second is the real one."""
+    from services.vae import video
+
+    real, calls = video._write_mp4, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(32, "Broken pipe")
+        return real(*args)
+
+    monkeypatch.setattr(video, "_write_mp4", flaky)
+    data = encode_mp4(smooth_video(), fps=8)
+    assert len(calls) == 2 and decode_mp4(data, "video")[0].shape == (3, 9, 48, 64)
