@@ -13,6 +13,7 @@ import math
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -323,7 +324,10 @@ class _InProcessTransport:
 class Client:
     """Generate over gRPC (`Client(endpoint, token)`) or in this process (`Client.in_process()`).
 
-    Use it as a context manager, or call close(): it owns its channel.
+    Use it as a context manager, or call close(): it owns its channel. With `retries`, a request that fails
+    UNAVAILABLE (the orchestrator restarting, a connection lost) is submitted again under the same request
+    id (one is made when the request has none): the orchestrator's journal resumes it where it stopped, or
+    returns its result, so nothing is computed twice.
     """
 
     def __init__(
@@ -334,13 +338,21 @@ class Client:
         tls_ca: bytes | None = None,
         timeout_s: float | None = None,
         max_message_bytes: int = 64 << 20,
+        retries: int = 0,
+        backoff_s: float = 0.5,
     ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries={retries} must be >= 0")
         self._init(endpoint, _GrpcTransport(endpoint, token, tls_ca, max_message_bytes), timeout_s)
+        self.retries = retries
+        self.backoff_s = backoff_s
 
     def _init(self, endpoint: str, transport: _Transport, timeout_s: float | None) -> None:
         self.endpoint = endpoint
-        self.timeout_s = timeout_s  # per request; None = no deadline
+        self.timeout_s = timeout_s  # per request, all its attempts; None = no deadline
         self._transport = transport
+        self.retries = 0
+        self.backoff_s = 0.5
 
     @classmethod
     def in_process(
@@ -367,9 +379,30 @@ class Client:
         return self._transport.stream(request, self.timeout_s)
 
     def run(self, request: GenerateRequest, on_event: OnEvent | None = None) -> Generation:
-        """Run a request to its result, passing every event (the result's too) to `on_event`."""
+        """Run a request to its result, passing every event (the result's too) to `on_event`; with `retries`,
+        submit it again on UNAVAILABLE (backoff doubling from `backoff_s`, within `timeout_s` in all)."""
+        if self.retries and not request.request_id:
+            request = GenerateRequest.FromString(request.SerializeToString())
+            request.request_id = uuid.uuid4().hex
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return self._run_once(request, on_event, timeout)
+            except ClientError as e:
+                out_of_time = deadline is not None and time.monotonic() + delay >= deadline
+                if e.code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries or out_of_time:
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _run_once(
+        self, request: GenerateRequest, on_event: OnEvent | None, timeout_s: float | None
+    ) -> Generation:
         result = None
-        for event in self.stream(request):
+        for event in self._transport.stream(request, timeout_s):
             if on_event is not None:
                 on_event(event)
             if event.WhichOneof("event") == "result":

@@ -18,6 +18,8 @@ from orchestrator import metrics as orchestrator_metrics
 from orchestrator.clients import CallOptions
 from orchestrator.errors import StageError
 from orchestrator.jobs.service import jobs_from_env
+from orchestrator.journal import Journal
+from orchestrator.objects import DirObjects, Objects, S3Objects
 from orchestrator.runner import Emit, Runner
 from orchestrator.server import SERVICE as ORCHESTRATOR_SERVICE
 from orchestrator.server import OrchestratorServicer
@@ -130,10 +132,32 @@ def in_process_clients(settings: Settings, store: TensorStore | None = None) -> 
     }
 
 
+def journal_of(settings: Settings, lease_s: float = 30.0) -> Journal:
+    """The request journal in the stages' store: the same bucket (or local directory) and credentials."""
+    if settings.store == "s3":
+        s3 = settings.s3
+        objects: Objects = S3Objects(
+            s3.endpoint,
+            s3.bucket,
+            s3.access_key,
+            s3.secret_key,
+            secure=s3.secure,
+            region=s3.region,
+            timeout_s=s3.timeout_s,
+            retries=s3.retries,
+        )
+    else:
+        objects = DirObjects(settings.local_store_dir)
+    return Journal(objects, lease_s)
+
+
 def in_process_orchestrator(settings: Settings, model_roots: tuple[Path, ...] = ()) -> OrchestratorServicer:
     """The whole engine in this process: the same graphs, no network, a local (or configured) store."""
     return OrchestratorServicer(
-        Runner(in_process_clients(settings)), model_roots or settings.model_roots, settings.cache_dir
+        Runner(in_process_clients(settings)),
+        model_roots or settings.model_roots,
+        settings.cache_dir,
+        journal=journal_of(settings, OrchestratorSettings.from_env().journal_lease_s),
     )
 
 
@@ -180,7 +204,13 @@ def serve_binding(stage: str) -> tuple[Binding, Settings]:
 
         orch = OrchestratorSettings.from_env()
         runner = Runner(grpc_clients(orch.endpoints, orch.token, orch.retries), orch.stage_timeout_s)
-        servicer = OrchestratorServicer(runner, orch.model_roots, settings.cache_dir, jobs_from_env())
+        servicer = OrchestratorServicer(
+            runner,
+            orch.model_roots,
+            settings.cache_dir,
+            jobs_from_env(),
+            journal_of(settings, orch.journal_lease_s),
+        )
         return Binding(
             ORCHESTRATOR_SERVICE, orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer
         ), settings

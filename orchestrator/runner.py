@@ -1,7 +1,8 @@
 """Runs a family's stage graph: calls each stage's client in order and moves only TensorRefs between them.
 
 Values flowing between stages are protobuf messages (Tensor / TensorMap refs, PNG bytes); the runner never
-sees a tensor. It emits StageEvents around every stage and forwards the stages' progress.
+sees a tensor. It emits StageEvents around every stage and forwards the stages' progress. A resumed request
+(orchestrator/journal.py) skips the stages whose outputs an earlier run recorded, with a RESUMED event each.
 
 Timings: each stage adds a StageTiming (its name, the seconds the orchestrator waited for it, the endpoint it
 called) to the result, and, when the stage's service reported its own time (the `timing` of its responses,
@@ -38,6 +39,11 @@ class RunContext:
     timings: list[common_pb2.StageTiming] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
     reported: list[common_pb2.StageTiming] = field(default_factory=list)  # of the stage running now
+    # a resumed request (orchestrator/journal.py): the outputs of stages that finished before, not run again
+    resumed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    resumed_from: str = ""  # where those outputs came from, for the RESUMED events
+    # called after each stage that ran: (stage, its outputs, seconds, endpoint); the journal records them
+    on_stage_done: Callable[[str, Mapping[str, Any], float, str], None] | None = None
 
     def report(self, timing: common_pb2.StageTiming) -> None:
         """A stage service's own timing of one call (e.g. DenoiseResult.timing); several calls of one stage
@@ -74,6 +80,13 @@ class Runner:
         state = {k: v for k, v in values.items() if v is not None}
         for stage in order:
             ctx.check_cancelled(stage.name)
+            done = ctx.resumed.get(stage.name)
+            if done is not None and all(o in done for o in stage.outputs):
+                state.update(done)
+                event = _stage_event(stage.name, orchestrator_pb2.StageEvent.RESUMED, "journal")
+                event.stage.message = f"outputs recorded by an earlier run ({ctx.resumed_from})"
+                ctx.emit(event)
+                continue
             client = self.clients.get(stage.service)
             if client is None:
                 raise StageError(
@@ -100,6 +113,8 @@ class Runner:
                 raise
             state.update(outputs)
             seconds = time.perf_counter() - started
+            if ctx.on_stage_done is not None:
+                ctx.on_stage_done(stage.name, outputs, seconds, endpoint)
             metrics.STAGE_SECONDS.labels(stage.name, endpoint).observe(seconds)
             ctx.timings.append(common_pb2.StageTiming(stage=stage.name, seconds=seconds, endpoint=endpoint))
             if ctx.reported:

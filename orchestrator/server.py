@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ import grpc
 
 from orchestrator import families
 from orchestrator.errors import StageError, invalid
+from orchestrator.journal import Journal, fingerprint
 from orchestrator.runner import RunContext, Runner
 from protos import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -46,8 +48,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         model_roots: tuple[Path, ...] = (),
         cache_dir: Path | None = None,
         jobs: Jobs | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.runner = runner
+        self.journal = journal  # None: no resume, no idempotency by request id
+        self._inflight: dict[str, tuple[threading.Lock, int]] = {}
+        self._inflight_lock = threading.Lock()
         self.model_roots = model_roots
         # Where hf:// and modelscope:// models are fetched to (shared with the stages).
         self.cache_dir = cache_dir
@@ -88,7 +94,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         deadline: float | None = None,
     ) -> orchestrator_pb2.GenerateResult:
         """Plan and run one request (the in-process API; Generate streams around it). Setting `cancelled`
-        stops it at the next stage or denoising step with CANCELLED."""
+        stops it at the next stage or denoising step with CANCELLED. A request with a client-given id is
+        journaled (orchestrator/journal.py) when this orchestrator has a journal: a retry of it resumes, or
+        returns the finished result, instead of computing again."""
         if not request.model:
             raise invalid("model is required")
         rid = request.request_id or uuid.uuid4().hex
@@ -99,7 +107,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         started = time.perf_counter()
         model_dir = self._model_dir(request.model)
         family = families.detect(model_dir, request.family, request.model)
-        plan = family.plan(request, model_dir)
+        plan = family.plan(request, model_dir)  # a bad request fails here, before the journal is touched
         ctx = RunContext(
             request_id=rid,
             params=plan.params,
@@ -107,12 +115,89 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             cancelled=cancelled or threading.Event(),
             deadline=deadline,
         )
-        values = self.runner.run(plan.graph, plan.values, ctx)
+        if self.journal is None or not request.request_id:
+            values = self.runner.run(plan.graph, plan.values, ctx)
+        else:
+            with self._one_at_a_time(rid, ctx):
+                plan, values = self._run_journaled(request, family, model_dir, plan, ctx)
         result = family.finish(values, plan)
         result.request_id = rid
         result.timings.extend(ctx.timings)
         result.total_seconds = time.perf_counter() - started
         return result
+
+    @contextmanager
+    def _one_at_a_time(self, rid: str, ctx: RunContext) -> Iterator[None]:
+        """Submissions of one request id in this process run one after the other (the later ones then find
+        the first one's journal)."""
+        with self._inflight_lock:
+            lock, users = self._inflight.get(rid, (threading.Lock(), 0))
+            self._inflight[rid] = (lock, users + 1)
+        try:
+            waiting = False
+            while not lock.acquire(timeout=0.1):
+                if not waiting:
+                    waiting = True
+                    ctx.emit(_waiting_event(f"request {rid} is already running on this orchestrator"))
+                ctx.check_cancelled("journal")
+                if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                    raise StageError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid} is still running", "journal"
+                    )
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._inflight_lock:
+                lock, users = self._inflight[rid]
+                if users == 1:
+                    del self._inflight[rid]
+                else:
+                    self._inflight[rid] = (lock, users - 1)
+
+    def _run_journaled(self, request, family, model_dir, plan, ctx: RunContext):
+        """Claim the request's journal entry, resume or replay it, record each finished stage."""
+        journal = self.journal
+        assert journal is not None
+        rid = ctx.request_id
+        entry = journal.claim(
+            rid,
+            fingerprint(request),
+            ctx.deadline,
+            ctx.cancelled,
+            on_wait=lambda owner: ctx.emit(
+                _waiting_event(f"request {rid} is running on orchestrator {owner}")
+            ),
+        )
+        seed = getattr(plan.params, "seed", None)
+        if entry.seed is not None and entry.seed != seed:  # a random seed drawn by the first run
+            again = orchestrator_pb2.GenerateRequest()
+            again.CopyFrom(request)
+            again.seed = entry.seed
+            plan = family.plan(again, model_dir)
+            ctx.params = plan.params
+        ctx.resumed = journal.load_stages(entry, ctx.deadline) if entry.stages else {}
+        ctx.resumed_from = journal.objects.where(journal.head_key(rid))
+        if not entry.owned:
+            # finished before: its stages come from the journal (one whose record is lost runs again)
+            return plan, self.runner.run(plan.graph, plan.values, ctx)
+        if entry.seed is None and seed is not None:
+            journal.set_seed(entry, seed, ctx.deadline)
+        ctx.on_stage_done = lambda stage, outputs, seconds, endpoint: journal.stage_done(
+            entry, stage, outputs, seconds, endpoint, ctx.deadline
+        )
+        with journal.heartbeat(entry):
+            try:
+                values = self.runner.run(plan.graph, plan.values, ctx)
+            except StageError as e:
+                journal.finish(entry, e)
+                raise
+            except BaseException as e:
+                journal.finish(entry, StageError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+                raise
+        journal.finish(entry)
+        return plan, values
 
     def Generate(self, request, context: grpc.ServicerContext) -> Iterator[orchestrator_pb2.GenerateEvent]:
         events: queue.Queue = queue.Queue()
@@ -214,3 +299,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 yield orchestrator_pb2.LogLine(text=text)
         except StageError as e:
             context.abort(e.code, e.message)
+
+
+def _waiting_event(message: str) -> orchestrator_pb2.GenerateEvent:
+    kind = orchestrator_pb2.StageEvent.WAITING
+    return orchestrator_pb2.GenerateEvent(
+        stage=orchestrator_pb2.StageEvent(stage="request", kind=kind, message=message)
+    )

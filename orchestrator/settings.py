@@ -25,6 +25,7 @@ class OrchestratorSettings:
     stage_timeout_s: float = 3600.0
     retries: int = 3
     model_roots: tuple[Path, ...] = ()
+    journal_lease_s: float = 30.0  # DIFFMESH_JOURNAL_LEASE_S: a request's owner silent this long is dead
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -38,6 +39,7 @@ class OrchestratorSettings:
             stage_timeout_s=float(env.get("DIFFMESH_STAGE_TIMEOUT_S", 3600)),
             retries=int(env.get("DIFFMESH_RETRIES", 3)),
             model_roots=roots,
+            journal_lease_s=_env_float(env, "DIFFMESH_JOURNAL_LEASE_S", 30.0),
         )
 
 
@@ -50,6 +52,19 @@ STORE_ENV = (
     "DIFFMESH_S3_REGION",
 )
 LAUNCHERS = ("local", "kubernetes")
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{name}={value} must be > 0")
+    return value
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -28,6 +28,8 @@ from PIL import Image
 from orchestrator.clients import grpc_clients
 from orchestrator.jobs.base import JobIndex
 from orchestrator.jobs.service import Jobs
+from orchestrator.journal import Journal
+from orchestrator.objects import DirObjects
 from orchestrator.runner import Runner
 from orchestrator.server import SERVICE as ORCHESTRATOR_SERVICE
 from orchestrator.server import OrchestratorServicer
@@ -203,7 +205,9 @@ def start_stack(tmp: Path, root: Path) -> Stack:
     # the local launcher runs `true` instead of the trainer: a spec that passes every check starts nothing heavy
     job_settings = JobSettings(state_dir=jobs_dir, train_command=("true",), cancel_grace_s=1.0)
     jobs = Jobs(job_settings, JobIndex(jobs_dir / "jobs"))
-    servicer = OrchestratorServicer(runner, (root,), settings.cache_dir, jobs)
+    # the request journal in the stages' store: fuzzed request ids go through it too
+    journal = Journal(DirObjects(settings.local_store_dir))
+    servicer = OrchestratorServicer(runner, (root,), settings.cache_dir, jobs, journal)
     binding = Binding(
         ORCHESTRATOR_SERVICE, orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer
     )

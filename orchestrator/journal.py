@@ -1,0 +1,340 @@
+"""The request journal: durable stage resume and request-id idempotency (DESIGN §1: no request starts over
+because one stage died).
+
+For a Generate that carries a client request id, the orchestrator keeps, in the store beside the request's
+tensors (so the bucket's `runs/` expiry removes both together):
+
+- `runs/<id>/orchestrator/journal.json`, the head: the request's fingerprint (sha256 of the request without its
+  id), the seed it resolved to, its status (running / done / failed), the orchestrator that owns it and the
+  wall-clock time of its last heartbeat, and for each finished stage the key, size and sha256 of its record;
+- `runs/<id>/orchestrator/stage-<stage>.json`: one finished stage's outputs (protobuf refs, PNG / MP4 bytes),
+  written before the head names it.
+
+A submission whose id the journal knows is:
+- a different request under that id: ALREADY_EXISTS;
+- done: the recorded outputs give the result again, nothing is computed twice;
+- running under another owner with a fresh heartbeat: it waits for that run (to its deadline), then as above;
+- failed, or running under an owner whose heartbeat is older than the lease (that orchestrator died): taken
+  over; the finished stages are not run again, the others run from the refs those left in the store.
+
+A stage record whose size or sha256 does not match the head is never used: that stage runs again. Values are
+JSON with base64 bytes; nothing is unpickled. Two replicas given the same new id at the same instant may both
+run it (S3 has no portable create-if-absent); they write the same objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+from orchestrator.errors import StageError
+from orchestrator.objects import Objects
+from protos import orchestrator_pb2
+
+log = logging.getLogger(__name__)
+VERSION = 1
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+
+def fingerprint(request: orchestrator_pb2.GenerateRequest) -> str:
+    """sha256 of the request without its id (deterministic serialization: map fields sorted)."""
+    copy = orchestrator_pb2.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def encode_value(value: Any) -> Any:
+    """A stage output (protobuf message, bytes, list, dict, JSON scalar) as JSON."""
+    if isinstance(value, Message):
+        data = value.SerializeToString(deterministic=True)
+        return {"message": value.DESCRIPTOR.full_name, "b64": base64.b64encode(data).decode()}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"bytes": base64.b64encode(bytes(value)).decode()}
+    if value is None or isinstance(value, str | int | float | bool):
+        return {"json": value}
+    if isinstance(value, Sequence):  # lists, tuples, repeated protobuf fields
+        return {"list": [encode_value(v) for v in value]}
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"journal: dict keys must be strings, got {sorted(map(repr, value))[:5]}")
+        return {"dict": {k: encode_value(v) for k, v in value.items()}}
+    raise TypeError(f"journal: cannot record a {type(value).__name__}")
+
+
+def decode_value(doc: Any) -> Any:
+    """The inverse of encode_value; ValueError for anything else."""
+    if not isinstance(doc, dict) or len(doc) not in (1, 2):
+        raise ValueError(f"not a journal value: {str(doc)[:80]}")
+    if "message" in doc:
+        try:
+            cls = message_factory.GetMessageClass(
+                descriptor_pool.Default().FindMessageTypeByName(doc["message"])
+            )
+            return cls.FromString(base64.b64decode(doc["b64"], validate=True))
+        except (KeyError, TypeError, DecodeError, ValueError) as e:
+            raise ValueError(f"journal message {doc.get('message')!r}: {e}") from None
+    if "bytes" in doc:
+        return base64.b64decode(doc["bytes"], validate=True)
+    if "list" in doc and isinstance(doc["list"], list):
+        return [decode_value(v) for v in doc["list"]]
+    if "dict" in doc and isinstance(doc["dict"], dict):
+        return {str(k): decode_value(v) for k, v in doc["dict"].items()}
+    if "json" in doc:
+        return doc["json"]
+    raise ValueError(f"not a journal value: {str(doc)[:80]}")
+
+
+@dataclass
+class Entry:
+    """One request's journal head, as this orchestrator holds it (`lock` guards it and its writes)."""
+
+    request_id: str
+    head: dict[str, Any]
+    owned: bool  # this orchestrator runs it (False: a finished run, only read)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def status(self) -> str:
+        return self.head["status"]
+
+    @property
+    def seed(self) -> int | None:
+        return self.head.get("seed")
+
+    @property
+    def stages(self) -> dict[str, dict[str, Any]]:
+        return self.head["stages"]
+
+
+class Journal:
+    """Journal heads and stage records in `objects`; `lease_s`: a running entry whose heartbeat is older
+    belongs to a dead orchestrator and may be taken over (heartbeats every lease / 3)."""
+
+    def __init__(self, objects: Objects, lease_s: float = 30.0, poll_s: float = 0.25) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"journal lease {lease_s} s must be > 0")
+        self.objects = objects
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    @staticmethod
+    def head_key(request_id: str) -> str:
+        return f"runs/{request_id}/orchestrator/journal.json"
+
+    @staticmethod
+    def stage_key(request_id: str, stage: str) -> str:
+        return f"runs/{request_id}/orchestrator/stage-{stage}.json"
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def _read_head(self, request_id: str, deadline: float | None) -> dict[str, Any] | None:
+        key = self.head_key(request_id)
+        raw = self.objects.read(key, deadline)
+        if raw is None:
+            return None
+        try:
+            head = json.loads(raw)
+            if not isinstance(head, dict) or head.get("version") != VERSION:
+                raise ValueError(f"version {head.get('version') if isinstance(head, dict) else None}")
+            if head.get("status") not in (RUNNING, DONE, FAILED) or not isinstance(head.get("stages"), dict):
+                raise ValueError("no status or stages")
+        except ValueError as e:
+            raise StageError(
+                grpc.StatusCode.DATA_LOSS,
+                f"the journal of request {request_id!r} ({self.objects.where(key)}) is unreadable: {e}; "
+                "send the request under a new id",
+                "journal",
+            ) from None
+        return head
+
+    def load_stages(self, entry: Entry, deadline: float | None = None) -> dict[str, dict[str, Any]]:
+        """The outputs of each finished stage whose record is intact; a missing or damaged record is logged
+        and left out (that stage runs again)."""
+        out: dict[str, dict[str, Any]] = {}
+        for stage, meta in entry.stages.items():
+            where = self.objects.where(meta.get("key", "?"))
+            raw = self.objects.read(meta["key"], deadline)
+            if raw is None:
+                log.warning(
+                    "request %s: stage record %s is gone; %s runs again", entry.request_id, where, stage
+                )
+                continue
+            digest = hashlib.sha256(raw).hexdigest()
+            if len(raw) != meta.get("size") or digest != meta.get("sha256"):
+                log.warning(
+                    "request %s: stage record %s is damaged (%d bytes, sha256 %s; expected %s, %s); %s runs again",
+                    entry.request_id,
+                    where,
+                    len(raw),
+                    digest,
+                    meta.get("size"),
+                    meta.get("sha256"),
+                    stage,
+                )
+                continue
+            try:
+                outputs = decode_value(json.loads(raw))
+                if not isinstance(outputs, dict):
+                    raise ValueError("not a dict of outputs")
+            except ValueError as e:
+                log.warning(
+                    "request %s: stage record %s: %s; %s runs again", entry.request_id, where, e, stage
+                )
+                continue
+            out[stage] = outputs
+        return out
+
+    # -- claiming -----------------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        request_id: str,
+        fp: str,
+        deadline: float | None = None,
+        cancelled: threading.Event | None = None,
+        on_wait: Any = None,
+    ) -> Entry:
+        """The entry of this submission: a new one, a finished one to replay, or a failed / abandoned one taken
+        over. While another live orchestrator runs the id, wait (`on_wait(owner)` once)."""
+        waited = False
+        while True:
+            head = self._read_head(request_id, deadline)
+            now = time.time()
+            if head is None:
+                head = {
+                    "version": VERSION,
+                    "request_id": request_id,
+                    "fingerprint": fp,
+                    "seed": None,
+                    "status": RUNNING,
+                    "owner": self.owner,
+                    "heartbeat": now,
+                    "stages": {},
+                    "error": None,
+                }
+                entry = Entry(request_id, head, owned=True)
+                self._write_head(entry, deadline)
+                return entry
+            if head.get("fingerprint") != fp:
+                raise StageError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"request_id {request_id!r} was already used for a different request (journal "
+                    f"{self.objects.where(self.head_key(request_id))}); a retry sends the same request, a new "
+                    "request a new id",
+                )
+            if head["status"] == DONE:
+                return Entry(request_id, head, owned=False)
+            age = now - float(head.get("heartbeat") or 0)
+            if head["status"] == RUNNING and head.get("owner") != self.owner and age < self.lease_s:
+                if not waited and on_wait is not None:
+                    on_wait(str(head.get("owner")))
+                waited = True
+                if cancelled is not None and cancelled.is_set():
+                    raise StageError(grpc.StatusCode.CANCELLED, f"request {request_id} cancelled", "journal")
+                if deadline is not None and time.monotonic() + self.poll_s >= deadline:
+                    raise StageError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"request {request_id} is still running on orchestrator {head.get('owner')}",
+                        "journal",
+                    )
+                time.sleep(self.poll_s)
+                continue
+            if head["status"] == RUNNING and head.get("owner") != self.owner:
+                log.warning(
+                    "request %s: taking over from orchestrator %s (no heartbeat for %.1f s)",
+                    request_id,
+                    head.get("owner"),
+                    age,
+                )
+            head.update(status=RUNNING, owner=self.owner, heartbeat=now, error=None)
+            entry = Entry(request_id, head, owned=True)
+            self._write_head(entry, deadline)
+            return entry
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def _write_head(self, entry: Entry, deadline: float | None) -> None:
+        data = json.dumps(entry.head, sort_keys=True).encode()
+        self.objects.write(self.head_key(entry.request_id), data, deadline)
+
+    def set_seed(self, entry: Entry, seed: int, deadline: float | None = None) -> None:
+        with entry.lock:
+            entry.head["seed"] = seed
+            self._write_head(entry, deadline)
+
+    def stage_done(
+        self,
+        entry: Entry,
+        stage: str,
+        outputs: Mapping[str, Any],
+        seconds: float,
+        endpoint: str,
+        deadline: float | None = None,
+    ) -> None:
+        """Record a finished stage: its outputs' record first, then the head that names it."""
+        data = json.dumps(encode_value(dict(outputs)), separators=(",", ":")).encode()
+        key = self.stage_key(entry.request_id, stage)
+        self.objects.write(key, data, deadline)
+        with entry.lock:
+            entry.stages[stage] = {
+                "key": key,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "seconds": round(seconds, 6),
+                "endpoint": endpoint,
+            }
+            entry.head["heartbeat"] = time.time()
+            self._write_head(entry, deadline)
+
+    def finish(self, entry: Entry, error: StageError | None = None) -> None:
+        """Mark the run done, or failed with the error's code and message. Best effort: a store that is
+        down leaves the entry running, and its lease lets the next submission take it over."""
+        with entry.lock:
+            entry.head["status"] = FAILED if error else DONE
+            entry.head["error"] = {"code": error.code.name, "message": str(error)[:2000]} if error else None
+            entry.head["heartbeat"] = time.time()
+            try:
+                self._write_head(entry, None)
+            except StageError as e:
+                log.warning("request %s: cannot record its end in the journal: %s", entry.request_id, e)
+
+    @contextmanager
+    def heartbeat(self, entry: Entry) -> Iterator[None]:
+        """While the body runs, refresh the entry's heartbeat every lease / 3 (failures only logged)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease_s / 3):
+                with entry.lock:
+                    if stop.is_set():
+                        return
+                    entry.head["heartbeat"] = time.time()
+                    try:
+                        self._write_head(entry, time.monotonic() + self.lease_s / 3)
+                    except StageError as e:
+                        log.warning("request %s: heartbeat not recorded: %s", entry.request_id, e)
+
+        thread = threading.Thread(target=beat, name=f"journal-{entry.request_id[:16]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
