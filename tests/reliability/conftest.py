@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_stack import STACK_ENV
 from fuzz_messages import Pools
 from fuzz_stack import FLUX, I2V, FuzzClient, FuzzLog, Stack, png, start_stack, wav
 from PIL import Image
 from safetensors.torch import save_file
 from tiny_flux import make_tiny_flux
+
+from orchestrator.stack.local_stack import down, up
 
 LOG_KEY = pytest.StashKey[FuzzLog]()
 
@@ -69,6 +72,16 @@ def fuzz_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_i2v(root / I2V)
     _plant_broken(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def faulty(tmp_path_factory: pytest.TempPathFactory):
+    """`diffmesh up`'s real processes (S3 + one gRPC server per stage) for the fault tests, and a tiny FLUX.1."""
+    root = tmp_path_factory.mktemp("faults")
+    make_tiny_flux(root / "flux", seed=0)
+    state = up(root / "stack", timeout=120, extra_env=STACK_ENV)
+    yield state, root / "flux"
+    down(state.path.parent)
 
 
 @pytest.fixture(scope="session")

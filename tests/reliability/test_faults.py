@@ -13,83 +13,21 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import signal
-import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from fault_stack import kill9, pixels, request, rpc_calls, run_in_thread, wait_for
 from minio import Minio
-from PIL import Image
-from tiny_flux import make_tiny_flux
 
 from orchestrator.client import Client, ClientError
-from orchestrator.stack.local_stack import down, restart, up
-from protos import orchestrator_pb2, vae_pb2, vae_pb2_grpc
+from orchestrator.stack.local_stack import restart
+from protos import vae_pb2, vae_pb2_grpc
 from services.common.settings import S3Settings, Settings
 from services.common.store import open_store
-
-RETRIES = "12"  # the orchestrator's retries of a stage (backoff 0.25 s doubling): enough for a restart
-
-
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("faults")
-    make_tiny_flux(root / "flux", seed=0)
-    state = up(root / "stack", timeout=120, extra_env={"DIFFMESH_RETRIES": RETRIES})
-    yield state, root / "flux"
-    down(state.path.parent)
-
-
-def request(model: Path, steps: int) -> orchestrator_pb2.GenerateRequest:
-    return orchestrator_pb2.GenerateRequest(
-        model=str(model), prompt="a red circle", seed=9, steps=steps, width=64, height=64, guidance=3.5
-    )
-
-
-def pixels(result: orchestrator_pb2.GenerateResult) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(result.images[0])).convert("RGB"))
-
-
-def kill9(pid: int) -> None:
-    os.killpg(pid, signal.SIGKILL)  # each service leads its own session
-
-
-def denoise_calls(state) -> float:
-    """The denoiser's own count of Denoise RPCs that ended OK (its Prometheus endpoint)."""
-    url = f"http://{state.data['services']['denoiser']['metrics']}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    pattern = (
-        r'^diffmesh_rpc_duration_seconds_count\{(?=[^}]*method="Denoise")(?=[^}]*code="OK")[^}]*\} (\S+)$'
-    )
-    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
-
-
-def run_in_thread(client: Client, req, events: list) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def go() -> None:
-        try:
-            out["gen"] = client.run(req, events.append)
-        except ClientError as e:
-            out["error"] = e
-
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def wait_for(cond, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the request to get there")
-        time.sleep(0.01)
 
 
 def test_denoiser_killed_mid_request_completes_after_restart(faulty):
@@ -114,7 +52,7 @@ def test_vae_killed_before_decode_leaves_the_denoising_done_once(faulty):
     with Client(state.endpoints["orchestrator"], state.token, timeout_s=300) as client:
         req = request(model, steps=6)
         undisturbed = pixels(client.run(req).result)
-        before = denoise_calls(state)
+        before = rpc_calls(state, "denoiser", "Denoise")
         kill9(state.data["services"]["vae"]["pid"])
         events: list = []
         thread, out = run_in_thread(client, req, events)
@@ -124,7 +62,7 @@ def test_vae_killed_before_decode_leaves_the_denoising_done_once(faulty):
         thread.join(240)
     assert "error" not in out, out.get("error")
     assert np.array_equal(pixels(out["gen"].result), undisturbed)
-    assert denoise_calls(state) - before == 1
+    assert rpc_calls(state, "denoiser", "Denoise") - before == 1
 
 
 def test_s3_stopped_is_unavailable_in_time_and_restart_recovers(faulty):
