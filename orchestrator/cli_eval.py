@@ -23,6 +23,8 @@ from orchestrator.cli_generate import (
     _integer,
     _lora,
     _number,
+    add_connection_args,
+    check_connection_args,
     open_client,
 )
 
@@ -56,8 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where = s.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the engine in this process")
     where.add_argument("--endpoint", metavar="HOST:PORT", help="the orchestrator (default: see above)")
-    s.add_argument("--token", metavar="T", help="bearer token (default: $DIFFMESH_TOKEN / _FILE)")
-    s.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CA"))
+    add_connection_args(s)
     s.add_argument("--timeout", type=_number(0.0, lo_open=True), metavar="SECONDS", help="per image")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(fn=cmd_eval_shapes)
@@ -67,10 +68,7 @@ def _check(args: argparse.Namespace) -> Path:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CommandError(f"--out-dir {args.out_dir} is not a directory")
-    if args.local and args.token:
-        raise CommandError("--token is for a remote orchestrator; --local runs in this process")
-    if args.tls_ca and not Path(args.tls_ca).is_file():
-        raise CommandError(f"--tls-ca {args.tls_ca}: no such file")
+    check_connection_args(args)
     return out_dir
 
 

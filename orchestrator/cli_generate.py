@@ -149,12 +149,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the engine in this process")
     where.add_argument("--endpoint", metavar="HOST:PORT", help="the orchestrator (default: see above)")
-    g.add_argument(
-        "--token",
-        metavar="T",
-        help="bearer token (default: $DIFFMESH_TOKEN / $DIFFMESH_TOKEN_FILE; prefer those)",
-    )
-    g.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CA"))
+    add_connection_args(g)
     g.add_argument("--timeout", type=_number(0.0, lo_open=True), metavar="SECONDS")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.set_defaults(fn=cmd_generate)
@@ -183,14 +178,49 @@ def check_args(args: argparse.Namespace) -> None:
             raise CommandError(f"--out {args.out}: exists and is not a directory")
         if not out.parent.is_dir():
             raise CommandError(f"--out {args.out}: directory {str(out.parent)!r} does not exist")
-        return _check_remote_args(args)
+        return check_connection_args(args)
     if out.suffix.lower() not in _OUT_SUFFIXES:
         raise CommandError(f"--out {args.out}: expected a .png file, FILE.mp4 or DIR/ for a video")
     if not out.parent.is_dir():
         raise CommandError(f"--out {args.out}: directory {str(out.parent)!r} does not exist")
     if out.is_dir():
         raise CommandError(f"--out {args.out} is a directory (end it with / for video frames)")
-    _check_remote_args(args)
+    check_connection_args(args)
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--token, TLS, --retries: how a command reaches a remote orchestrator (see check_connection_args)."""
+    p.add_argument(
+        "--token",
+        metavar="T",
+        help="bearer token (default: $DIFFMESH_TOKEN / $DIFFMESH_TOKEN_FILE; prefer those)",
+    )
+    p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CA"))
+    p.add_argument(
+        "--tls-client-cert",
+        metavar="PEM",
+        default=os.environ.get("DIFFMESH_TLS_CLIENT_CERT"),
+        help="this client's certificate, for an orchestrator that requires one (mutual TLS; with --tls-ca)",
+    )
+    p.add_argument("--tls-client-key", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CLIENT_KEY"))
+    p.add_argument(
+        "--retries",
+        type=_retries,
+        default=2,
+        metavar="N",
+        help="submit again under the same request id when the orchestrator is unavailable (default 2): the "
+        "request resumes where it stopped, nothing finished is computed again",
+    )
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is out of range [0, 100]")
+    return value
 
 
 def is_frames_dir(out: str) -> bool:
@@ -198,11 +228,17 @@ def is_frames_dir(out: str) -> bool:
     return out.endswith(("/", os.sep))
 
 
-def _check_remote_args(args: argparse.Namespace) -> None:
+def check_connection_args(args: argparse.Namespace) -> None:
     if args.local and args.token:
         raise CommandError("--token is for a remote orchestrator; --local runs in this process")
-    if args.tls_ca and not Path(args.tls_ca).is_file():
-        raise CommandError(f"--tls-ca {args.tls_ca}: no such file")
+    for flag in ("tls_ca", "tls_client_cert", "tls_client_key"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise CommandError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if (args.tls_client_cert or args.tls_client_key) and not (
+        args.tls_ca and args.tls_client_cert and args.tls_client_key
+    ):
+        raise CommandError("--tls-client-cert and --tls-client-key go together, and with --tls-ca")
 
 
 def _env_token(env: Mapping[str, str]) -> str | None:
@@ -246,10 +282,23 @@ def open_client(args: argparse.Namespace, env: Mapping[str, str]) -> Client:
     from orchestrator.client import Client
 
     if args.local:
-        return Client.in_process(timeout_s=args.timeout)
+        client = Client.in_process(timeout_s=args.timeout)
+        client.retries = args.retries
+        return client
     endpoint, token = resolve_endpoint(args, env)
-    tls_ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return Client(endpoint, token, tls_ca=tls_ca, timeout_s=args.timeout)
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return Client(
+        endpoint,
+        token,
+        tls_ca=read(args.tls_ca),
+        tls_cert=read(args.tls_client_cert),
+        tls_key=read(args.tls_client_key),
+        timeout_s=args.timeout,
+        retries=args.retries,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

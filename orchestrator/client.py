@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 from PIL import Image
 
-from orchestrator.clients import REQUEST_ID_KEY, open_channel
+from orchestrator.clients import REQUEST_ID_KEY, ChannelTls, open_channel
 from orchestrator.errors import StageError
 from protos import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -248,10 +248,10 @@ class _Transport(Protocol):
 
 class _GrpcTransport:
     def __init__(
-        self, endpoint: str, token: str | None, tls_ca: bytes | None, max_message_bytes: int
+        self, endpoint: str, token: str | None, tls: ChannelTls | None, max_message_bytes: int
     ) -> None:
         self._token = token
-        self._channel = open_channel(endpoint, max_message_bytes, tls_ca)
+        self._channel = open_channel(endpoint, max_message_bytes, tls)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     def stream(self, request: GenerateRequest, timeout_s: float | None) -> Iterator[GenerateEvent]:
@@ -336,14 +336,22 @@ class Client:
         token: str | None = None,
         *,
         tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        tls_server_name: str | None = None,
         timeout_s: float | None = None,
         max_message_bytes: int = 64 << 20,
         retries: int = 0,
         backoff_s: float = 0.5,
     ) -> None:
+        """`tls_ca` (PEM): TLS, verifying the orchestrator's certificate with it; `tls_cert` + `tls_key` (PEM):
+        this client's certificate, for an orchestrator that requires one (mutual TLS)."""
         if retries < 0:
             raise ValueError(f"retries={retries} must be >= 0")
-        self._init(endpoint, _GrpcTransport(endpoint, token, tls_ca, max_message_bytes), timeout_s)
+        if tls_ca is None and (tls_cert is not None or tls_key is not None or tls_server_name):
+            raise ValueError("tls_cert, tls_key and tls_server_name need tls_ca (the CA of the server)")
+        tls = None if tls_ca is None else ChannelTls(tls_ca, tls_cert, tls_key, tls_server_name)
+        self._init(endpoint, _GrpcTransport(endpoint, token, tls, max_message_bytes), timeout_s)
         self.retries = retries
         self.backoff_s = backoff_s
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -67,16 +67,37 @@ class AudioClient(Protocol):
     ) -> audio_pb2.AudioDecodeResponse: ...
 
 
+@dataclass(frozen=True)
+class ChannelTls:
+    """TLS of a channel: `ca` (PEM) verifies the server's certificate; `cert` + `key` (PEM) are this client's own
+    certificate, for servers that require one (mutual TLS); `server_name` is the name the server's certificate
+    must carry when it is not the endpoint's host (e.g. dialing an address)."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a TLS client certificate and its key go together")
+
+
 def open_channel(
-    endpoint: str, max_message_bytes: int = 64 << 20, tls_ca: bytes | None = None
+    endpoint: str, max_message_bytes: int = 64 << 20, tls: ChannelTls | None = None
 ) -> grpc.Channel:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    if tls_ca is not None:
-        return grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(tls_ca), options=options)
-    return grpc.insecure_channel(endpoint, options=options)
+    if tls is None:
+        return grpc.insecure_channel(endpoint, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+    )
+    return grpc.secure_channel(endpoint, creds, options=options)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -94,11 +115,12 @@ class GrpcStage:
         channel: grpc.Channel | None = None,
         retries: int = 3,
         backoff_s: float = 0.25,
+        tls: ChannelTls | None = None,
     ) -> None:
         self.stage = stage
         self.endpoint = endpoint
         self.token = token
-        self.channel = channel or open_channel(endpoint)
+        self.channel = channel or open_channel(endpoint, tls=tls)
         self.retries = retries
         self.backoff_s = backoff_s
 
@@ -222,6 +244,10 @@ GRPC_CLIENTS: dict[str, Callable[..., GrpcStage]] = {
 }
 
 
-def grpc_clients(endpoints: dict[str, str], token: str | None, retries: int = 3) -> dict[str, Any]:
-    """A client for every stage that has an endpoint."""
-    return {stage: GRPC_CLIENTS[stage](ep, token, retries=retries) for stage, ep in endpoints.items()}
+def grpc_clients(
+    endpoints: dict[str, str], token: str | None, retries: int = 3, tls: ChannelTls | None = None
+) -> dict[str, Any]:
+    """A client for every stage that has an endpoint (over TLS with `tls`)."""
+    return {
+        stage: GRPC_CLIENTS[stage](ep, token, retries=retries, tls=tls) for stage, ep in endpoints.items()
+    }

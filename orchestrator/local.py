@@ -203,7 +203,8 @@ def serve_binding(stage: str) -> tuple[Binding, Settings]:
         from orchestrator.clients import grpc_clients
 
         orch = OrchestratorSettings.from_env()
-        runner = Runner(grpc_clients(orch.endpoints, orch.token, orch.retries), orch.stage_timeout_s)
+        clients = grpc_clients(orch.endpoints, orch.token, orch.retries, orch.stage_tls)
+        runner = Runner(clients, orch.stage_timeout_s)
         servicer = OrchestratorServicer(
             runner,
             orch.model_roots,

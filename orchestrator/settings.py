@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.clients import ChannelTls
+
 STAGES = ("text_encoder", "denoiser", "vae", "audio")
 
 
@@ -26,6 +28,7 @@ class OrchestratorSettings:
     retries: int = 3
     model_roots: tuple[Path, ...] = ()
     journal_lease_s: float = 30.0  # DIFFMESH_JOURNAL_LEASE_S: a request's owner silent this long is dead
+    stage_tls: ChannelTls | None = None  # DIFFMESH_STAGE_TLS_*: how the orchestrator calls the stages
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -40,7 +43,36 @@ class OrchestratorSettings:
             retries=int(env.get("DIFFMESH_RETRIES", 3)),
             model_roots=roots,
             journal_lease_s=_env_float(env, "DIFFMESH_JOURNAL_LEASE_S", 30.0),
+            stage_tls=stage_tls(env),
         )
+
+
+def _read_file(env: Mapping[str, str], name: str) -> bytes | None:
+    path = env.get(name, "")
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{name}={path!r} cannot be read: {e.strerror or e}") from None
+
+
+def stage_tls(env: Mapping[str, str]) -> ChannelTls | None:
+    """TLS to the stage services: DIFFMESH_STAGE_TLS_CA (PEM file) verifies their certificates;
+    DIFFMESH_STAGE_TLS_CERT + _KEY (PEM files) are the orchestrator's client certificate, for stages that
+    require one (mutual TLS); DIFFMESH_STAGE_TLS_SERVER_NAME, the name their certificates carry when it is not
+    the endpoint's host. None (plaintext) without a CA; ValueError names a variable set wrong."""
+    ca = _read_file(env, "DIFFMESH_STAGE_TLS_CA")
+    cert = _read_file(env, "DIFFMESH_STAGE_TLS_CERT")
+    key = _read_file(env, "DIFFMESH_STAGE_TLS_KEY")
+    name = env.get("DIFFMESH_STAGE_TLS_SERVER_NAME") or None
+    if ca is None:
+        if cert is not None or key is not None or name:
+            raise ValueError("DIFFMESH_STAGE_TLS_CERT, _KEY and _SERVER_NAME need DIFFMESH_STAGE_TLS_CA")
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("DIFFMESH_STAGE_TLS_CERT and DIFFMESH_STAGE_TLS_KEY go together")
+    return ChannelTls(ca, cert, key, name)
 
 
 # Non-secret object-store settings a training pod inherits from the orchestrator's own environment.

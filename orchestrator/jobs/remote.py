@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from orchestrator.clients import open_channel
+from orchestrator.clients import ChannelTls, open_channel
 from orchestrator.errors import StageError
 from orchestrator.jobs.base import Job, StopFlag
 from protos import orchestrator_pb2, orchestrator_pb2_grpc
@@ -21,7 +21,7 @@ class RemoteJobs:
         timeout_s: float | None = 60.0,
     ) -> None:
         self.endpoint = endpoint
-        self.channel = open_channel(endpoint, tls_ca=tls_ca)
+        self.channel = open_channel(endpoint, tls=ChannelTls(tls_ca) if tls_ca is not None else None)
         self.stub = orchestrator_pb2_grpc.OrchestratorStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
