@@ -30,7 +30,8 @@ from k8s_render import (
 
 K8S_VERSION = "1.33.0"
 UID = 10001  # the image's user (Dockerfile)
-EXTERNAL_SECRETS = {"diffmesh-s3", "diffmesh-token"}  # created out of band in prod
+EXTERNAL_SECRETS = {"diffmesh-s3", "diffmesh-token", "diffmesh-tls"}  # created out of band in prod
+TLS_MOUNT = "/var/run/secrets/diffmesh/tls"
 
 # -- render and validate ---------------------------------------------------------------------------------
 
@@ -99,8 +100,11 @@ def test_grpc_probes_and_graceful_stop(rendered: tuple[str, list[dict]]) -> None
         c = pod["containers"][0]
         assert c["args"][:2] == ["serve", name], name
         assert {"name": "grpc", "containerPort": GRPC_PORT} in c["ports"], name
+        tls = any(v.get("secret", {}).get("secretName") == "diffmesh-tls" for v in pod["volumes"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == GRPC_PORT, f"{name}: {probe}"
+            # the kubelet's gRPC probe speaks plaintext: a TLS port is probed over TCP
+            kind = "tcpSocket" if tls else "grpc"
+            assert c[probe][kind]["port"] == GRPC_PORT, f"{name}: {probe}"
         grace = float(c["args"][c["args"].index("--grace") + 1])
         assert pod["terminationGracePeriodSeconds"] > grace + c["lifecycle"]["preStop"]["sleep"]["seconds"]
     minio = named(docs, "StatefulSet", "minio")["spec"]["template"]["spec"]["containers"][0]
@@ -259,3 +263,27 @@ def test_prod_overlay_puts_the_denoiser_on_a_gpu_with_replicas_and_budgets() -> 
     budgets = {p["metadata"]["name"] for p in of(docs, "PodDisruptionBudget")}
     for d in of(docs, "Deployment"):
         assert d["spec"]["replicas"] >= 2 and d["metadata"]["name"] in budgets, d["metadata"]["name"]
+
+
+def test_prod_serves_tls_and_mutual_tls_from_the_orchestrator_to_the_stages() -> None:
+    docs = render("overlays/prod")
+    for name in (*STAGES, "orchestrator"):
+        c = pod_spec(docs, name)["containers"][0]
+        assert {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True} in c["volumeMounts"], name
+        env = env_of(docs, name)
+        assert (env["DIFFMESH_TLS_CERT"], env["DIFFMESH_TLS_KEY"]) == (
+            f"{TLS_MOUNT}/tls.crt",
+            f"{TLS_MOUNT}/tls.key",
+        )
+    for name in STAGES:  # stages admit only clients with a certificate of the CA
+        assert env_of(docs, name)["DIFFMESH_TLS_CLIENT_CA"] == f"{TLS_MOUNT}/ca.crt", name
+    orch = env_of(docs, "orchestrator")
+    assert "DIFFMESH_TLS_CLIENT_CA" not in orch  # its clients authenticate with the bearer token
+    settings = {k: v for k, v in orch.items() if k.startswith("DIFFMESH_STAGE_TLS_")}
+    assert settings == {
+        "DIFFMESH_STAGE_TLS_CA": f"{TLS_MOUNT}/ca.crt",
+        "DIFFMESH_STAGE_TLS_CERT": f"{TLS_MOUNT}/tls.crt",
+        "DIFFMESH_STAGE_TLS_KEY": f"{TLS_MOUNT}/tls.key",
+    }
+    for tree in ("base", "overlays/dev"):  # plaintext where there is no certificate
+        assert "DIFFMESH_TLS_CERT" not in env_of(render(tree), "denoiser")
