@@ -41,6 +41,12 @@ def table(results: dict) -> str:
         ),
         ("per-hop latency", hops, "<= 30 ms", f"store put+get {so['store_put_get_ms']}"),
         ("concurrency_throughput_ratio", f"{cc['throughput_ratio']}", "", f"{cc['requests']} requests"),
+        (
+            "journal_overhead_ratio",
+            f"{results['journal_overhead_ratio']['ratio']}",
+            "",
+            f"replay of a finished id {results['journal_overhead_ratio']['replay_s']} s",
+        ),
         ("cold_start_s", f"{cs['to_first_result_s']}", "<= 3 s", cs["checkpoint"]),
     ]
     for mode in ("offload", "sequential"):
@@ -60,6 +66,7 @@ def main() -> int:
         "wan_step_ratio": wan_step.run(),
         "stack_overhead_ratio": stack["stack_overhead"],
         "concurrency_throughput_ratio": stack["concurrency"],
+        "journal_overhead_ratio": stack["journal"],
         "cold_start_s": memory["cold_start"],
         "peak_rss_ratio": memory["peak_rss"],
         "store_throughput": store_throughput.run(),

@@ -5,6 +5,9 @@ hidden-256 FLUX model (models/diffmesh-shapes). (The denoiser step against diffu
   alternately). `per_hop_ms`: per stage, the orchestrator's wait for the stage minus the stage service's own time
   (RPC, serialisation and the store round trips of that hop), from the result's timings; `store_ms`: put + get of
   a latent-sized and a pixels-sized tensor on the stack's S3 server.
+- `journal`: the same request through the stack with a request id (journaled: a head and one record per stage
+  written to S3) vs without; `ratio` = journaled / plain; `replay_s`: the same id sent again (the result rebuilt
+  from the journal, no stage runs).
 - `concurrency`: 8 requests (different seeds) sent at once through the stack vs the same 8 one after another
   in-process; `throughput_ratio` = sequential in-process time / concurrent stack time (> 1: the split engine
   serves more per second).
@@ -26,11 +29,18 @@ MODEL = Path(__file__).parents[1] / "models" / "diffmesh-shapes"
 PROMPT = "a blue circle on a white background"
 
 
-def _request(seed: int, steps: int, size: int):
+def _request(seed: int, steps: int, size: int, request_id: str = ""):
     from protos import orchestrator_pb2
 
     return orchestrator_pb2.GenerateRequest(
-        model=str(MODEL), prompt=PROMPT, seed=seed, steps=steps, width=size, height=size, cfg_scale=1.0
+        model=str(MODEL),
+        prompt=PROMPT,
+        seed=seed,
+        steps=steps,
+        width=size,
+        height=size,
+        cfg_scale=1.0,
+        request_id=request_id,
     )
 
 
@@ -85,16 +95,15 @@ def run(repeats: int = 9, steps: int = 8, size: int = 256, concurrent: int = 8) 
                 stub = orchestrator_pb2_grpc.OrchestratorStub(ch)
                 md = [("authorization", f"Bearer {state.token}")]
 
-                def remote(seed: int):
-                    return list(stub.Generate(_request(seed, steps, size), metadata=md, timeout=600))[
-                        -1
-                    ].result
+                def remote(seed: int, request_id: str = ""):
+                    req = _request(seed, steps, size, request_id)
+                    return list(stub.Generate(req, metadata=md, timeout=600))[-1].result
 
                 def local(seed: int):
                     return engine.generate(_request(seed, steps, size), lambda e: None)
 
                 local(0), remote(0)  # warm: models loaded, connections open
-                local_s, remote_s, hops = [], [], []
+                local_s, remote_s, hops, journaled_s, replay_s = [], [], [], [], []
                 for i in range(repeats):
                     t0 = time.perf_counter()
                     local(i)
@@ -102,6 +111,12 @@ def run(repeats: int = 9, steps: int = 8, size: int = 256, concurrent: int = 8) 
                     t0 = time.perf_counter()
                     hops.append(_hops(remote(i)))
                     remote_s.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    remote(i, f"bench-{i}")  # the same request, journaled
+                    journaled_s.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    remote(i, f"bench-{i}")  # its retry: replayed from the journal
+                    replay_s.append(time.perf_counter() - t0)
                 seeds = list(range(100, 100 + concurrent))
                 t0 = time.perf_counter()
                 for s in seeds:
@@ -125,6 +140,12 @@ def run(repeats: int = 9, steps: int = 8, size: int = 256, concurrent: int = 8) 
             "ratio": round(re / lo, 3),
             "per_hop_ms": per_hop,
             "store_put_get_ms": store,
+        },
+        "journal": {
+            "plain_s": round(re, 3),
+            "journaled_s": round(statistics.median(journaled_s), 3),
+            "ratio": round(statistics.median(journaled_s) / re, 3),
+            "replay_s": round(statistics.median(replay_s), 3),
         },
         "concurrency": {
             "requests": concurrent,
