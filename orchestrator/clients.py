@@ -28,13 +28,14 @@ from protos import (
 
 T = TypeVar("T")
 REQUEST_ID_KEY = "x-request-id"
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # and DEADLINE_EXCEEDED of an attempt cut by the stage timeout
 
 
 @dataclass(frozen=True)
 class CallOptions:
     request_id: str
-    timeout_s: float | None = None  # per call; None = no deadline
+    timeout_s: float | None = None  # the request's time left for this call, all attempts; None = no deadline
+    attempt_timeout_s: float | None = None  # one attempt (the stage timeout): one that overruns it is retried
     on_retry: Callable[[str], None] | None = None
 
 
@@ -104,6 +105,15 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
+def _attempt_timeout(deadline: float | None, opts: CallOptions) -> tuple[float | None, bool]:
+    """One attempt's timeout, and whether the stage timeout (not the request's deadline) set it."""
+    remaining = _remaining(deadline)
+    limit = opts.attempt_timeout_s
+    if limit is not None and (remaining is None or limit < remaining):
+        return limit, True
+    return remaining, False
+
+
 class GrpcStage:
     """Channel, metadata and retry shared by the stage clients."""
 
@@ -134,26 +144,43 @@ class GrpcStage:
         return StageError(e.code(), e.details() or e.code().name, self.stage, self.endpoint)
 
     def call(self, fn: Callable[..., T], req: Any, opts: CallOptions) -> T:
-        """A unary call with a deadline, retried on UNAVAILABLE with exponential backoff while the deadline
-        leaves time for another attempt."""
+        """A unary call with a deadline, retried with exponential backoff on UNAVAILABLE, or when an attempt
+        overran the stage timeout, while the request's deadline leaves time for another attempt."""
         deadline = None if opts.timeout_s is None else time.monotonic() + opts.timeout_s
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             started = time.monotonic()
+            timeout, capped = _attempt_timeout(deadline, opts)
             try:
-                return fn(req, timeout=_remaining(deadline), metadata=self.metadata(opts))
+                return fn(req, timeout=timeout, metadata=self.metadata(opts))
             except grpc.RpcError as e:
-                self._before_retry(e, attempt, delay + time.monotonic() - started, deadline, opts)
+                needed = delay + time.monotonic() - started
+                self._before_retry(e, attempt, needed, deadline, opts, capped)
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
     def _before_retry(
-        self, e: grpc.RpcError, attempt: int, needed: float, deadline: float | None, opts: CallOptions
+        self,
+        e: grpc.RpcError,
+        attempt: int,
+        needed: float,
+        deadline: float | None,
+        opts: CallOptions,
+        capped: bool = False,
     ) -> None:
-        """Raise the call's error unless it is retryable and retries are left and the deadline leaves `needed`
-        seconds (the backoff plus as long as this attempt took); else report the retry."""
-        if e.code() not in RETRYABLE or attempt == self.retries:
+        """Raise the call's error unless it is retryable (UNAVAILABLE; DEADLINE_EXCEEDED of an attempt `capped`
+        by the stage timeout) and retries are left and the deadline leaves `needed` seconds (the backoff plus as
+        long as this attempt took); else report the retry."""
+        timed_out = capped and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        if (e.code() not in RETRYABLE and not timed_out) or attempt == self.retries:
+            if timed_out:
+                raise StageError(
+                    e.code(),
+                    f"no answer within the stage timeout of {opts.attempt_timeout_s} s, {attempt + 1} attempts",
+                    self.stage,
+                    self.endpoint,
+                ) from None
             raise self.error(e) from None
         if deadline is not None and time.monotonic() + needed >= deadline:
             err = self.error(e)
@@ -161,7 +188,8 @@ class GrpcStage:
                 err.code, f"{err.message} (no time left for another try)", self.stage, self.endpoint
             ) from None
         if opts.on_retry:
-            opts.on_retry(f"{self.stage} at {self.endpoint}: {e.code().name}, retry {attempt + 1}")
+            why = f"no answer within {opts.attempt_timeout_s} s" if timed_out else e.code().name
+            opts.on_retry(f"{self.stage} at {self.endpoint}: {why}, retry {attempt + 1}")
 
     def stream(self, fn: Callable[..., Iterator[T]], req: Any, opts: CallOptions) -> Iterator[T]:
         """A server stream; retried on UNAVAILABLE (the stage restarts the work from the stored inputs) while
@@ -170,12 +198,13 @@ class GrpcStage:
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             started = time.monotonic()
-            call = fn(req, timeout=_remaining(deadline), metadata=self.metadata(opts))
+            timeout, capped = _attempt_timeout(deadline, opts)
+            call = fn(req, timeout=timeout, metadata=self.metadata(opts))
             try:
                 yield from call
                 return
             except grpc.RpcError as e:
-                self._before_retry(e, attempt, delay + time.monotonic() - started, deadline, opts)
+                self._before_retry(e, attempt, delay + time.monotonic() - started, deadline, opts, capped)
                 time.sleep(delay)
                 delay *= 2
             finally:

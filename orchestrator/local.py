@@ -51,7 +51,8 @@ class InProcessContext:
 
     def __init__(self, opts: CallOptions) -> None:
         self._metadata = ((REQUEST_ID_KEY, opts.request_id),)
-        self._deadline = None if opts.timeout_s is None else time.monotonic() + opts.timeout_s
+        limits = [t for t in (opts.timeout_s, opts.attempt_timeout_s) if t is not None]
+        self._deadline = time.monotonic() + min(limits) if limits else None
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self.cancelled = threading.Event()

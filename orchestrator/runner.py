@@ -36,6 +36,9 @@ class RunContext:
     params: Any  # the resolved generation parameters of the family (a dataclass)
     emit: Emit
     deadline: float | None = None  # time.monotonic() value
+    stage_timeout_s: float | None = (
+        None  # one attempt of a stage call (the Runner's, DIFFMESH_STAGE_TIMEOUT_S)
+    )
     timings: list[common_pb2.StageTiming] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
     reported: list[common_pb2.StageTiming] = field(default_factory=list)  # of the stage running now
@@ -55,10 +58,10 @@ class RunContext:
         if self.cancelled.is_set():
             raise StageError(grpc.StatusCode.CANCELLED, f"request {self.request_id} cancelled", where)
 
-    def call_options(self, stage_timeout_s: float | None = None) -> CallOptions:
+    def call_options(self) -> CallOptions:
+        """The options of one stage call: the request's time left (all attempts) and the stage timeout (one
+        attempt: a stage that overruns it is retried while the request has time)."""
         remaining = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
-        limits = [t for t in (remaining, stage_timeout_s) if t is not None]
-        timeout = min(limits) if limits else None
 
         def on_retry(msg: str) -> None:
             kind = orchestrator_pb2.StageEvent.RETRIED
@@ -66,7 +69,12 @@ class RunContext:
                 orchestrator_pb2.GenerateEvent(stage=orchestrator_pb2.StageEvent(kind=kind, message=msg))
             )
 
-        return CallOptions(request_id=self.request_id, timeout_s=timeout, on_retry=on_retry)
+        return CallOptions(
+            request_id=self.request_id,
+            timeout_s=remaining,
+            attempt_timeout_s=self.stage_timeout_s,
+            on_retry=on_retry,
+        )
 
 
 class Runner:
@@ -77,6 +85,8 @@ class Runner:
     def run(self, graph: Graph, values: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
         """Run every stage; return the graph's result values."""
         order = graph.check_request([k for k, v in values.items() if v is not None])
+        if ctx.stage_timeout_s is None:
+            ctx.stage_timeout_s = self.stage_timeout_s
         state = {k: v for k, v in values.items() if v is not None}
         for stage in order:
             ctx.check_cancelled(stage.name)

@@ -1,4 +1,5 @@
-"""Stage clients: gRPC and in-process behave the same; UNAVAILABLE is retried with backoff, then reported."""
+"""Stage clients: gRPC and in-process behave the same; UNAVAILABLE, and an attempt over the stage timeout, are
+retried with backoff within the request's deadline, then reported."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from orchestrator.graph import Graph, Stage
 from orchestrator.local import in_process_clients, in_process_orchestrator
 from orchestrator.runner import RunContext, Runner
 from orchestrator.stack.s3server import free_port
-from protos import denoiser_pb2, orchestrator_pb2, text_encoder_pb2
-from services.common.server import create_server
+from protos import denoiser_pb2, denoiser_pb2_grpc, orchestrator_pb2, text_encoder_pb2
+from services.common.server import Binding, create_server
 from services.common.settings import Settings
 from services.common.store import LocalTensorStore
 from services.denoiser import server as denoiser_server
@@ -118,3 +119,55 @@ def test_generate_for_an_unknown_family_is_not_found(tmp_path: Path):
     with pytest.raises(StageError) as e:
         orch.generate(orchestrator_pb2.GenerateRequest(model=str(model), request_id="../x"), lambda ev: None)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class _Stalling(denoiser_pb2_grpc.DenoiserServicer):
+    """A test stage: its next `stalls` Denoise calls hang for `stall_s` (a stuck replica), later ones answer
+    at once."""
+
+    def __init__(self, stalls: int, stall_s: float) -> None:
+        self.calls = 0
+        self.stalls = stalls
+        self.stall_s = stall_s
+
+    def Denoise(self, request, context):
+        self.calls += 1
+        if self.stalls > 0:
+            self.stalls -= 1
+            time.sleep(self.stall_s)
+        yield denoiser_pb2.DenoiseEvent(result=denoiser_pb2.DenoiseResult(steps_run=request.steps))
+
+
+def test_an_attempt_over_the_stage_timeout_is_retried_within_the_request_deadline():
+    stage = _Stalling(stalls=1, stall_s=3.0)
+    binding = Binding("diffmesh.v1.Denoiser", denoiser_pb2_grpc.add_DenoiserServicer_to_server, stage)
+    server, port = create_server([binding], token=TOKEN)
+    client = GrpcDenoiser(f"127.0.0.1:{port}", TOKEN, retries=2, backoff_s=0.05)
+    try:
+        retries: list[str] = []
+        opts = CallOptions("r", timeout_s=30, attempt_timeout_s=0.5, on_retry=retries.append)
+        events = list(client.denoise(denoiser_pb2.DenoiseRequest(steps=4), opts))
+        assert events[-1].result.steps_run == 4 and stage.calls == 2
+        assert len(retries) == 1 and "no answer within 0.5 s" in retries[0]
+
+        # the request's own deadline is not retried: it is the caller's limit
+        stage.stalls = 1
+        retries.clear()
+        opts = CallOptions("r", timeout_s=0.5, attempt_timeout_s=10, on_retry=retries.append)
+        code, _ = outcome(lambda: list(client.denoise(denoiser_pb2.DenoiseRequest(steps=4), opts)))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and not retries
+
+        # every attempt over the stage timeout: reported as such, with the attempts made
+        stage.stalls = 10
+        code, message = outcome(
+            lambda: list(
+                client.denoise(
+                    denoiser_pb2.DenoiseRequest(steps=4),
+                    CallOptions("r", timeout_s=30, attempt_timeout_s=0.3),
+                )
+            )
+        )
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "stage timeout of 0.3 s, 3 attempts" in message
+    finally:
+        client.close()
+        server.stop(0)
