@@ -210,9 +210,11 @@ class Journal:
         deadline: float | None = None,
         cancelled: threading.Event | None = None,
         on_wait: Any = None,
+        seed: int | None = None,
     ) -> Entry:
-        """The entry of this submission: a new one, a finished one to replay, or a failed / abandoned one taken
-        over. While another live orchestrator runs the id, wait (`on_wait(owner)` once)."""
+        """The entry of this submission: a new one (recording `seed`, the one this submission's plan drew), a
+        finished one to replay, or a failed / abandoned one taken over. While another live orchestrator runs
+        the id, wait (`on_wait(owner)` once)."""
         waited = False
         while True:
             head = self._read_head(request_id, deadline)
@@ -222,7 +224,7 @@ class Journal:
                     "version": VERSION,
                     "request_id": request_id,
                     "fingerprint": fp,
-                    "seed": None,
+                    "seed": seed,
                     "status": RUNNING,
                     "owner": self.owner,
                     "heartbeat": now,

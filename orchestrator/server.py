@@ -161,6 +161,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         journal = self.journal
         assert journal is not None
         rid = ctx.request_id
+        seed = getattr(plan.params, "seed", None)
         entry = journal.claim(
             rid,
             fingerprint(request),
@@ -169,8 +170,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             on_wait=lambda owner: ctx.emit(
                 _waiting_event(f"request {rid} is running on orchestrator {owner}")
             ),
+            seed=seed,
         )
-        seed = getattr(plan.params, "seed", None)
         if entry.seed is not None and entry.seed != seed:  # a random seed drawn by the first run
             again = orchestrator_pb2.GenerateRequest()
             again.CopyFrom(request)
