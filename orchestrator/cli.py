@@ -49,9 +49,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from orchestrator.stack.local_stack import read_state, running
+    from orchestrator.stack.local_stack import running
 
-    state = read_state(_state_dir(args))
+    try:
+        state = cli_generate.read_stack(_state_dir(args))
+    except cli_generate.CommandError as e:
+        print(f"diffmesh status: {e}", file=sys.stderr)
+        return e.exit_code
     if state is None:
         print("not running")
         return 1

@@ -23,6 +23,7 @@ from orchestrator.cli_generate import (
     _integer,
     _lora,
     _number,
+    _text,
     add_connection_args,
     check_connection_args,
     open_client,
@@ -42,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="prompt following on the shapes dataset (colour, background, shape class)",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
-    s.add_argument("--model", metavar="SPEC", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    s.add_argument(
+        "--model", metavar="SPEC", type=_text, default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}"
+    )
     s.add_argument("--n", metavar="PER_PROMPT", type=_integer(1, 1000), default=8, help="default: 8")
     s.add_argument("--prompts", choices=("base", "concept"), default="base", help="the prompt set")
     s.add_argument(
@@ -57,14 +60,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--limit-prompts", type=_integer(1, 1000), help=argparse.SUPPRESS)  # tests: a subset
     where = s.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the engine in this process")
-    where.add_argument("--endpoint", metavar="HOST:PORT", help="the orchestrator (default: see above)")
+    where.add_argument(
+        "--endpoint", metavar="HOST:PORT", type=_text, help="the orchestrator (default: see above)"
+    )
     add_connection_args(s)
     s.add_argument("--timeout", type=_number(0.0, lo_open=True), metavar="SECONDS", help="per image")
     s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(fn=cmd_eval_shapes)
 
 
+def _model_spec(model: str) -> str:
+    """A local model directory goes by its absolute path: the stack's services may run elsewhere."""
+    try:
+        return str(Path(model).resolve()) if Path(model).exists() else model
+    except OSError:  # e.g. a name too long for a path: not a local directory
+        return model
+
+
 def _check(args: argparse.Namespace) -> Path:
+    if "\x00" in args.out_dir:
+        raise CommandError(f"--out-dir {args.out_dir!r}: contains a NUL character")
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CommandError(f"--out-dir {args.out_dir} is not a directory")
@@ -78,8 +93,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from trainer.datasets.shapes import eval_prompts
 
     prompts = eval_prompts(args.prompts)[: args.limit_prompts]
-    # a local model directory goes by its absolute path: the stack's services may run elsewhere
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    model = _model_spec(args.model)
     overrides = {
         k: v
         for k, v in (("steps", args.steps), ("width", args.width), ("height", args.height))

@@ -65,11 +65,30 @@ def _number(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[
     return parse
 
 
+def _text(text: str) -> str:
+    """A string that goes into a request or a header as UTF-8: not one with argv bytes that do not decode."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+def _token(text: str) -> str:
+    """A bearer token: what a gRPC header value can hold (printable ASCII). The token itself is not shown."""
+    for i, c in enumerate(text):
+        if not " " <= c <= "~":
+            raise argparse.ArgumentTypeError(
+                f"not a valid token: character {i + 1} ({c!r}) is not printable ASCII"
+            )
+    return text
+
+
 def _lora(text: str) -> tuple[str, float]:
     from orchestrator.client import parse_lora
 
     try:
-        return parse_lora(text)
+        return parse_lora(_text(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -93,10 +112,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         metavar="SPEC",
         required=True,
+        type=_text,
         help="model spec: a directory, a file, hf://ID, modelscope://ID",
     )
-    g.add_argument("--prompt", metavar="TEXT", required=True)
-    g.add_argument("--negative-prompt", metavar="TEXT")
+    g.add_argument("--prompt", metavar="TEXT", type=_text, required=True)
+    g.add_argument("--negative-prompt", metavar="TEXT", type=_text)
     g.add_argument(
         "--seed", metavar="N", type=_integer(0, _UINT64), help="default: random, printed at the end"
     )
@@ -108,7 +128,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--cfg-scale-2", metavar="S", type=_number(0.0), help="Wan 2.2 A14B: the low-noise expert's CFG scale"
     )
-    g.add_argument("--solver", metavar="NAME", help="sampler: euler, unipc (default: the model's scheduler)")
+    g.add_argument(
+        "--solver", metavar="NAME", type=_text, help="sampler: euler, unipc (default: the model's scheduler)"
+    )
     g.add_argument("--shift", metavar="F", type=_number(0.0, lo_open=True), help="flow-matching shift")
     g.add_argument(
         "--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]", help="repeatable"
@@ -130,15 +152,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-sequence-length", metavar="N", type=_integer(1, _UINT32), help="T5 tokens (FLUX: 512)"
     )
     g.add_argument(
-        "--family", metavar="NAME", default="", help="default: detected from the model's model_index.json"
+        "--family",
+        metavar="NAME",
+        type=_text,
+        default="",
+        help="default: detected from the model's model_index.json",
     )
     g.add_argument(
-        "--task", metavar="NAME", default="", help="t2i, img2img, t2v, i2v, ... (default: from the inputs)"
+        "--task",
+        metavar="NAME",
+        type=_text,
+        default="",
+        help="t2i, img2img, t2v, i2v, ... (default: from the inputs)",
     )
-    g.add_argument("--vae", metavar="SPEC", help="a VAE other than the model's own")
-    g.add_argument("--text-encoder", metavar="SPEC")
-    g.add_argument("--text-encoder-2", metavar="SPEC")
-    g.add_argument("--transformer", metavar="SPEC", help="a DiT / UNet other than the model's own")
+    g.add_argument("--vae", metavar="SPEC", type=_text, help="a VAE other than the model's own")
+    g.add_argument("--text-encoder", metavar="SPEC", type=_text)
+    g.add_argument("--text-encoder-2", metavar="SPEC", type=_text)
+    g.add_argument(
+        "--transformer", metavar="SPEC", type=_text, help="a DiT / UNet other than the model's own"
+    )
     g.add_argument("--request-id", metavar="ID", type=_request_id)
     g.add_argument(
         "--out",
@@ -148,7 +180,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     where = g.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run the engine in this process")
-    where.add_argument("--endpoint", metavar="HOST:PORT", help="the orchestrator (default: see above)")
+    where.add_argument(
+        "--endpoint", metavar="HOST:PORT", type=_text, help="the orchestrator (default: see above)"
+    )
     add_connection_args(g)
     g.add_argument("--timeout", type=_number(0.0, lo_open=True), metavar="SECONDS")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -172,6 +206,8 @@ def check_args(args: argparse.Namespace) -> None:
     ):
         if value and not Path(value).is_file():
             raise CommandError(f"{flag} {value}: no such file")
+    if "\x00" in args.out:
+        raise CommandError(f"--out {args.out!r}: contains a NUL character")
     out = Path(args.out)
     if is_frames_dir(args.out):
         if out.exists() and not out.is_dir():
@@ -193,6 +229,7 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token",
         metavar="T",
+        type=_token,
         help="bearer token (default: $DIFFMESH_TOKEN / $DIFFMESH_TOKEN_FILE; prefer those)",
     )
     p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CA"))
@@ -205,22 +242,12 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-client-key", metavar="PEM", default=os.environ.get("DIFFMESH_TLS_CLIENT_KEY"))
     p.add_argument(
         "--retries",
-        type=_retries,
+        type=_integer(0, 100),
         default=2,
         metavar="N",
         help="submit again under the same request id when the orchestrator is unavailable (default 2): the "
         "request resumes where it stopped, nothing finished is computed again",
     )
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{value} is out of range [0, 100]")
-    return value
 
 
 def is_frames_dir(out: str) -> bool:
@@ -259,10 +286,10 @@ def resolve_endpoint(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[
     endpoint = args.endpoint or env.get("DIFFMESH_ORCHESTRATOR")
     if endpoint:
         return endpoint, args.token or _env_token(env)
-    from orchestrator.stack.local_stack import read_state, running
+    from orchestrator.stack.local_stack import running
 
     state_dir = Path(args.state_dir or env.get("DIFFMESH_STATE_DIR", ".diffmesh"))
-    state = read_state(state_dir)
+    state = read_stack(state_dir)
     if state is None or "orchestrator" not in state.endpoints:
         raise CommandError(
             f"no orchestrator to talk to: no local stack in {str(state_dir)!r}. Start one with `diffmesh up`, "
@@ -276,6 +303,37 @@ def resolve_endpoint(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[
             exit_code=1,
         )
     return state.endpoints["orchestrator"], args.token or state.token
+
+
+def read_stack(state_dir: Path):
+    """The `diffmesh up` state in `state_dir` (None: there is none); CommandError (exit 1) for a state file
+    that is not one (truncated, edited by hand, another program's)."""
+    from orchestrator.stack.local_stack import STATE_FILE, read_state
+
+    try:
+        state = read_state(state_dir)
+        why = None if state is None else _stack_problem(state.data)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        why = str(e)
+    if why:
+        raise CommandError(f"{STATE_FILE} in {str(state_dir)!r} is not a `diffmesh up` state: {why}", 1)
+    return state
+
+
+def _stack_problem(data: object) -> str | None:
+    """What a state file lacks of what `status` and `generate` read: services with endpoint and pid, s3's pid,
+    the token."""
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
+        return "no 'services' object"
+    for name, service in [*data["services"].items(), ("s3", data.get("s3"))]:
+        pid = service.get("pid") if isinstance(service, dict) else None
+        if type(pid) is not int or not 0 < pid < 1 << 31:
+            return f"{name!r}: no valid pid"
+        if name != "s3" and not isinstance(service.get("endpoint"), str):
+            return f"{name!r}: no endpoint"
+    if not isinstance(data.get("token"), str):
+        return "no token"
+    return None
 
 
 def open_client(args: argparse.Namespace, env: Mapping[str, str]) -> Client:

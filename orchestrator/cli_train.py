@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from orchestrator.cli_generate import CommandError, _env_token
+from orchestrator.cli_generate import CommandError, _env_token, _text, _token
 
 PROG = "diffmesh train"
 _UINT32 = (1 << 32) - 1
@@ -49,12 +49,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--launcher", choices=("local", "kubernetes"), help="default: $DIFFMESH_LAUNCHER, else local"
     )
-    common.add_argument("--namespace", metavar="NS", help="kubernetes: default $DIFFMESH_NAMESPACE, ...")
+    common.add_argument(
+        "--namespace", metavar="NS", type=_text, help="kubernetes: default $DIFFMESH_NAMESPACE, ..."
+    )
     common.add_argument(
         "--kubeconfig", metavar="PATH", help="default: in-cluster, $KUBECONFIG, ~/.kube/config"
     )
-    common.add_argument("--endpoint", metavar="HOST:PORT", help="act through this orchestrator's gRPC API")
-    common.add_argument("--token", metavar="T", help="with --endpoint (default: $DIFFMESH_TOKEN[_FILE])")
+    common.add_argument(
+        "--endpoint", metavar="HOST:PORT", type=_text, help="act through this orchestrator's gRPC API"
+    )
+    common.add_argument(
+        "--token", metavar="T", type=_token, help="with --endpoint (default: $DIFFMESH_TOKEN[_FILE])"
+    )
     common.add_argument("--json", action="store_true", help="print jobs as JSON (the Job message)")
 
     t = sub.add_parser("train", help="training jobs: submit, status, logs, list, cancel")
@@ -62,18 +68,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = tsub.add_parser("submit", parents=[common], help="check a spec and launch it; prints the job id")
     s.add_argument("--spec", metavar="SPEC.json", required=True, help="a TrainSpec as JSON")
-    s.add_argument("--image", metavar="IMG", help="kubernetes: default $DIFFMESH_TRAIN_IMAGE")
+    s.add_argument("--image", metavar="IMG", type=_text, help="kubernetes: default $DIFFMESH_TRAIN_IMAGE")
     s.add_argument("--gpus", metavar="N", type=_gpus, default=0, help="kubernetes: nvidia.com/gpu limit")
-    s.add_argument("--service-account", metavar="SA", help="kubernetes: the pod's ServiceAccount")
+    s.add_argument("--service-account", metavar="SA", type=_text, help="kubernetes: the pod's ServiceAccount")
     s.add_argument("--dry-run", action="store_true", help="print what would be launched (kubernetes: YAML)")
     s.set_defaults(fn=cmd_submit)
 
     st = tsub.add_parser("status", parents=[common], help="one job's state, step and message")
-    st.add_argument("job")
+    st.add_argument("job", type=_text)
     st.set_defaults(fn=cmd_status)
 
     lg = tsub.add_parser("logs", parents=[common], help="a job's log")
-    lg.add_argument("job")
+    lg.add_argument("job", type=_text)
     lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     lg.add_argument("--tail", metavar="N", type=_count, default=0, help="the last N lines (0 = all)")
     lg.set_defaults(fn=cmd_logs)
@@ -83,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(fn=cmd_list)
 
     c = tsub.add_parser("cancel", parents=[common], help="stop a job (kubernetes: delete its Job)")
-    c.add_argument("job")
+    c.add_argument("job", type=_text)
     c.set_defaults(fn=cmd_cancel)
 
 
@@ -97,6 +103,8 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]):
         settings = JobSettings.from_env(env)
     except ValueError as e:
         raise CommandError(str(e)) from None
+    if args.kubeconfig:
+        _check_kubeconfig(args.kubeconfig)
     state_dir = Path(args.state_dir) if args.state_dir else settings.state_dir
     return dataclasses.replace(
         settings,
@@ -105,6 +113,28 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]):
         kubeconfig=args.kubeconfig or settings.kubeconfig,
         namespace=args.namespace or settings.namespace,
     )
+
+
+def _check_kubeconfig(path: str) -> None:
+    """--kubeconfig: a file of the shape the kubernetes client reads (on others it fails with a TypeError)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise CommandError(f"--kubeconfig {path}: no such file")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise CommandError(f"--kubeconfig {path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise CommandError(f"--kubeconfig {path}: not YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"--kubeconfig {path}: not a kubeconfig (a YAML mapping)")
+    for key, inner in (("clusters", "cluster"), ("contexts", "context"), ("users", "user")):
+        entries = data.get(key) or []
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get(inner) or {}, dict) for e in entries
+        ):
+            raise CommandError(f"--kubeconfig {path}: {key!r} is not a list of {{name, {inner}}} entries")
 
 
 def open_jobs(args: argparse.Namespace, env: Mapping[str, str]):
@@ -191,7 +221,11 @@ def _submit(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not path.is_file():
         raise CommandError(f"--spec {args.spec}: no such file")
     try:
-        spec = parse_spec(path.read_text(), source=str(path))
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CommandError(f"--spec {args.spec}: not UTF-8 text (a TrainSpec is JSON)") from None
+    try:
+        spec = parse_spec(text, source=str(path))
     except SpecError as e:
         raise CommandError(str(e)) from None
     settings = _settings(args, env)
@@ -240,12 +274,29 @@ def _submit(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _with_jobs(args: argparse.Namespace, action) -> int:
+    from google.protobuf.json_format import ParseError
+
     jobs = open_jobs(args, os.environ)
     try:
         return action(jobs)
+    except (ParseError, UnicodeDecodeError) as e:  # a job.json under the state dir that is not a Job
+        index = getattr(jobs, "index", None)
+        bad = [i for i in index.ids() if not _readable(index, i)] if index is not None else []
+        where = ", ".join(str(index.folder(i) / index.RECORD) for i in bad) or "a job record"
+        raise CommandError(f"{where}: cannot be read: {e}", 1) from None
     finally:
         if hasattr(jobs, "close"):
             jobs.close()
+
+
+def _readable(index, job_id: str) -> bool:
+    from google.protobuf.json_format import ParseError
+
+    try:
+        index.load(job_id)
+    except (ParseError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def cmd_status(args: argparse.Namespace) -> int:
