@@ -18,8 +18,15 @@ A submission whose id the journal knows is:
   over; the finished stages are not run again, the others run from the refs those left in the store.
 
 A stage record whose size or sha256 does not match the head is never used: that stage runs again. Values are
-JSON with base64 bytes; nothing is unpickled. Two replicas given the same new id at the same instant may both
-run it (S3 has no portable create-if-absent); they write the same objects.
+JSON with base64 bytes; nothing is unpickled.
+
+Every write of a head is a compare-and-swap (orchestrator/objects.py): it is created only if absent and
+replaced only if it is still the version its owner last wrote. So of two replicas given the same new id at the
+same instant, or taking over the same dead owner, one wins and the other waits for it; and an owner whose
+heartbeat lapsed (a store down for longer than the lease) and was taken over finds out at its next write: it
+stops writing the journal, finishes the run for its own client and leaves the entry to the new owner. A
+store without conditional writes gets plain ones; then two replicas racing on one id may both run it (they
+write the same objects).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from orchestrator.errors import StageError
-from orchestrator.objects import Objects
+from orchestrator.objects import Conflict, Objects
 from protos import orchestrator_pb2
 
 log = logging.getLogger(__name__)
@@ -106,7 +113,8 @@ class Entry:
 
     request_id: str
     head: dict[str, Any]
-    owned: bool  # this orchestrator runs it (False: a finished run, only read)
+    owned: bool  # this orchestrator runs it (False: a finished run, only read; or lost to another owner)
+    version: str = ""  # the head's version in the store, as this orchestrator last read or wrote it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -144,11 +152,12 @@ class Journal:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def _read_head(self, request_id: str, deadline: float | None) -> dict[str, Any] | None:
+    def _read_head(self, request_id: str, deadline: float | None) -> tuple[dict[str, Any], str] | None:
         key = self.head_key(request_id)
-        raw = self.objects.read(key, deadline)
-        if raw is None:
+        got = self.objects.read_versioned(key, deadline)
+        if got is None:
             return None
+        raw, version = got
         try:
             head = json.loads(raw)
             if not isinstance(head, dict) or head.get("version") != VERSION:
@@ -162,7 +171,7 @@ class Journal:
                 "send the request under a new id",
                 "journal",
             ) from None
-        return head
+        return head, version
 
     def load_stages(self, entry: Entry, deadline: float | None = None) -> dict[str, dict[str, Any]]:
         """The outputs of each finished stage whose record is intact; a missing or damaged record is logged
@@ -217,9 +226,9 @@ class Journal:
         the id, wait (`on_wait(owner)` once)."""
         waited = False
         while True:
-            head = self._read_head(request_id, deadline)
+            got = self._read_head(request_id, deadline)
             now = time.time()
-            if head is None:
+            if got is None:
                 head = {
                     "version": VERSION,
                     "request_id": request_id,
@@ -232,8 +241,12 @@ class Journal:
                     "error": None,
                 }
                 entry = Entry(request_id, head, owned=True)
-                self._write_head(entry, deadline)
+                try:
+                    self._write_head(entry, deadline, if_absent=True)
+                except Conflict:
+                    continue  # another orchestrator created it just now: read what it wrote
                 return entry
+            head, version = got
             if head.get("fingerprint") != fp:
                 raise StageError(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -242,7 +255,7 @@ class Journal:
                     "request a new id",
                 )
             if head["status"] == DONE:
-                return Entry(request_id, head, owned=False)
+                return Entry(request_id, head, owned=False, version=version)
             age = now - float(head.get("heartbeat") or 0)
             if head["status"] == RUNNING and head.get("owner") != self.owner and age < self.lease_s:
                 if not waited and on_wait is not None:
@@ -266,20 +279,45 @@ class Journal:
                     age,
                 )
             head.update(status=RUNNING, owner=self.owner, heartbeat=now, error=None)
-            entry = Entry(request_id, head, owned=True)
-            self._write_head(entry, deadline)
+            entry = Entry(request_id, head, owned=True, version=version)
+            try:
+                self._write_head(entry, deadline)
+            except Conflict:
+                continue  # another orchestrator took it over first, or its owner moved on: read again
             return entry
 
     # -- writing ------------------------------------------------------------------------------------------
 
-    def _write_head(self, entry: Entry, deadline: float | None) -> None:
+    def _write_head(self, entry: Entry, deadline: float | None, *, if_absent: bool = False) -> None:
+        """Write the head if the store still holds the version this orchestrator last saw (Conflict if not)."""
         data = json.dumps(entry.head, sort_keys=True).encode()
-        self.objects.write(self.head_key(entry.request_id), data, deadline)
+        key = self.head_key(entry.request_id)
+        if if_absent:
+            entry.version = self.objects.write(key, data, deadline, if_absent=True)
+        else:
+            entry.version = self.objects.write(key, data, deadline, if_version=entry.version)
+
+    def _update_head(self, entry: Entry, deadline: float | None) -> None:
+        """An owner's write of its head (entry.lock held). Lost to another owner: stop writing, log it."""
+        if not entry.owned:
+            return
+        try:
+            self._write_head(entry, deadline)
+        except Conflict:
+            got = self._read_head(entry.request_id, deadline)
+            owner = got[0].get("owner") if got is not None else None
+            entry.owned = False
+            log.warning(
+                "request %s: orchestrator %s took it over (our heartbeat lapsed); this run finishes for its "
+                "client without writing the journal",
+                entry.request_id,
+                owner,
+            )
 
     def set_seed(self, entry: Entry, seed: int, deadline: float | None = None) -> None:
         with entry.lock:
             entry.head["seed"] = seed
-            self._write_head(entry, deadline)
+            self._update_head(entry, deadline)
 
     def stage_done(
         self,
@@ -290,7 +328,10 @@ class Journal:
         endpoint: str,
         deadline: float | None = None,
     ) -> None:
-        """Record a finished stage: its outputs' record first, then the head that names it."""
+        """Record a finished stage: its outputs' record first, then the head that names it (nothing once the
+        entry was lost to another owner)."""
+        if not entry.owned:
+            return
         data = json.dumps(encode_value(dict(outputs)), separators=(",", ":")).encode()
         key = self.stage_key(entry.request_id, stage)
         self.objects.write(key, data, deadline)
@@ -303,7 +344,7 @@ class Journal:
                 "endpoint": endpoint,
             }
             entry.head["heartbeat"] = time.time()
-            self._write_head(entry, deadline)
+            self._update_head(entry, deadline)
 
     def finish(self, entry: Entry, error: StageError | None = None) -> None:
         """Mark the run done, or failed with the error's code and message. Best effort: a store that is
@@ -313,7 +354,7 @@ class Journal:
             entry.head["error"] = {"code": error.code.name, "message": str(error)[:2000]} if error else None
             entry.head["heartbeat"] = time.time()
             try:
-                self._write_head(entry, None)
+                self._update_head(entry, None)
             except StageError as e:
                 log.warning("request %s: cannot record its end in the journal: %s", entry.request_id, e)
 
@@ -329,7 +370,7 @@ class Journal:
                         return
                     entry.head["heartbeat"] = time.time()
                     try:
-                        self._write_head(entry, time.monotonic() + self.lease_s / 3)
+                        self._update_head(entry, time.monotonic() + self.lease_s / 3)
                     except StageError as e:
                         log.warning("request %s: heartbeat not recorded: %s", entry.request_id, e)
 

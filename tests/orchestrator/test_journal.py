@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from minio.error import S3Error
 
 from orchestrator.errors import StageError
 from orchestrator.journal import DONE, FAILED, RUNNING, Journal, decode_value, encode_value, fingerprint
-from orchestrator.objects import DirObjects, S3Objects
+from orchestrator.objects import Conflict, DirObjects, S3Objects
 from protos import orchestrator_pb2, tensor_pb2, vae_pb2
 
 FP = "f" * 64
@@ -173,3 +174,111 @@ def test_dir_keys_cannot_leave_the_root(tmp_path: Path):
     with pytest.raises(StageError) as err:
         DirObjects(tmp_path).write("runs/../../etc/x", b"")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_conditional_writes_create_only_if_absent_and_replace_only_the_version_read(objects):
+    key = "runs/cas/orchestrator/journal.json"
+    first = objects.write(key, b"one", if_absent=True)
+    with pytest.raises(Conflict):
+        objects.write(key, b"two", if_absent=True)
+    data, version = objects.read_versioned(key)
+    assert (data, version) == (b"one", first)
+    second = objects.write(key, b"three", if_version=version)
+    with pytest.raises(Conflict):
+        objects.write(key, b"four", if_version=version)  # stale: "three" replaced it
+    assert objects.read_versioned(key) == (b"three", second)
+    with pytest.raises(Conflict):
+        objects.write("runs/cas/orchestrator/none.json", b"x", if_version=version)  # nothing to match
+    assert objects.read("runs/cas/orchestrator/none.json") is None
+
+
+def _race(n: int, claim) -> list:
+    """`claim(i)` in n threads released at once; each one's entry or StageError."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = claim(i)
+        except StageError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_orchestrators_racing_on_a_new_id_have_one_owner(objects):
+    journals = [Journal(objects, lease_s=30, poll_s=0.05) for _ in range(8)]
+    results = _race(8, lambda i: journals[i].claim("req-race", FP, deadline=time.monotonic() + 1.5))
+    owners = [r for r in results if not isinstance(r, StageError)]
+    assert len(owners) == 1 and owners[0].owned, results
+    waiting = [r for r in results if isinstance(r, StageError)]
+    assert {e.code for e in waiting} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    head = json.loads(objects.read(Journal.head_key("req-race")))
+    assert head["owner"] == owners[0].head["owner"]
+
+
+def test_orchestrators_racing_to_take_over_a_dead_owner_have_one_winner(objects):
+    dead = Journal(objects).claim("req-heir", FP)
+    dead.head["heartbeat"] = time.time() - 600  # its owner died ten minutes ago
+    objects.write(Journal.head_key("req-heir"), json.dumps(dead.head).encode())
+    heirs = [Journal(objects, lease_s=30, poll_s=0.05) for _ in range(6)]
+    # the losers wait for the winner (fresh heartbeat) until their deadline, well inside the lease
+    results = _race(6, lambda i: heirs[i].claim("req-heir", FP, deadline=time.monotonic() + 1.0))
+    winners = [r for r in results if not isinstance(r, StageError)]
+    assert len(winners) == 1, results
+    assert {e.code for e in results if isinstance(e, StageError)} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert json.loads(objects.read(Journal.head_key("req-heir")))["owner"] == winners[0].head["owner"]
+
+
+def test_an_owner_that_was_taken_over_stops_writing_the_journal(objects):
+    slow = Journal(objects, lease_s=0.2)
+    lost = slow.claim("req-lost", FP)
+    slow.stage_done(lost, "encode_prompt", {"positive": b"aaaa"}, 0.1, "te")
+    time.sleep(0.3)  # its heartbeat lapsed (a store down for longer than the lease, say)
+    heir = Journal(objects, lease_s=0.2)
+    taken = heir.claim("req-lost", FP)
+    assert taken.owned and set(taken.stages) == {"encode_prompt"}
+
+    # its next head write finds the entry taken (its record went first, but no head names it) ...
+    slow.stage_done(lost, "denoise", {"latents": b"old"}, 0.1, "dn")
+    assert not lost.owned
+    slow.stage_done(lost, "decode", {"images": [b"old"]}, 0.1, "vae")  # ... and from then on it writes nothing
+    slow.finish(lost)
+    head = json.loads(objects.read(Journal.head_key("req-lost")))
+    assert head["owner"] == heir.owner and head["status"] == RUNNING
+    assert set(head["stages"]) == {"encode_prompt"}
+    assert objects.read(Journal.stage_key("req-lost", "decode")) is None
+
+    heir.stage_done(taken, "denoise", {"latents": b"new"}, 0.1, "dn")
+    heir.finish(taken)
+    again = Journal(objects).claim("req-lost", FP)
+    assert again.status == DONE and heir.load_stages(again)["denoise"] == {"latents": b"new"}
+
+
+def test_a_store_without_conditional_writes_gets_plain_ones(s3_server, monkeypatch):
+    # SeaweedFS takes If-None-Match / If-Match; a store that answers them NotImplemented cannot run here, so
+    # its answer is faked at the client's single-part PUT (the only fake in this file)
+    objects = S3Objects(
+        s3_server.endpoint, f"j-{uuid.uuid4().hex[:12]}", s3_server.access_key, s3_server.secret_key
+    )
+    real = objects._client._put_object
+    seen: list[dict] = []
+
+    def put(bucket, key, data, headers=None, query_params=None):
+        seen.append(dict(headers or {}))
+        if any(k.startswith("If-") for k in headers or {}):
+            raise S3Error(None, "NotImplemented", "conditional writes", key, "r", "h")
+        return real(bucket, key, data, headers=headers, query_params=query_params)
+
+    monkeypatch.setattr(objects._client, "_put_object", put)
+    journal = Journal(objects)
+    entry = journal.claim("req-plain", FP)
+    journal.finish(entry)
+    assert not objects.conditional and Journal(objects).claim("req-plain", FP).status == DONE
+    assert "If-None-Match" in seen[0] and not any(k.startswith("If-") for h in seen[1:] for k in h)
