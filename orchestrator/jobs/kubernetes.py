@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import urllib3
+import yaml
 from google.protobuf import json_format
 from kubernetes import client, config
 
@@ -67,11 +68,23 @@ def load_api_client(settings: JobSettings) -> client.ApiClient:
         else:
             config.load_kube_config(config_file=settings.kubeconfig or None, client_configuration=cfg)
     except (config.ConfigException, OSError) as e:
-        where = settings.kubeconfig or "~/.kube/config"
         raise StageError(
-            grpc.StatusCode.FAILED_PRECONDITION, f"no Kubernetes configuration (in-cluster or {where}): {e}"
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"no Kubernetes configuration (in-cluster or {_kubeconfig_path(settings)}): {e}",
+        ) from None
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError) as e:
+        # the client reads a file of the wrong shape with a TypeError / KeyError, and binary with a decode error
+        raise StageError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the kubeconfig {_kubeconfig_path(settings)} is not a valid kubeconfig: "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
         ) from None
     return client.ApiClient(cfg)
+
+
+def _kubeconfig_path(settings: JobSettings) -> str:
+    """The kubeconfig the client reads: the one named, else $KUBECONFIG, else ~/.kube/config."""
+    return repr(settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
 
 
 def default_namespace(settings: JobSettings) -> str:
@@ -80,7 +93,10 @@ def default_namespace(settings: JobSettings) -> str:
         return settings.namespace
     if not settings.kubeconfig and in_cluster():
         return IN_CLUSTER_NAMESPACE.read_text().strip()
-    with contextlib.suppress(config.ConfigException, OSError, KeyError, TypeError):
+    # a malformed kubeconfig is reported by load_api_client, with its path
+    with contextlib.suppress(
+        config.ConfigException, OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError
+    ):
         _, current = config.list_kube_config_contexts(config_file=settings.kubeconfig or None)
         if current and current.get("context", {}).get("namespace"):
             return current["context"]["namespace"]

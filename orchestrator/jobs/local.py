@@ -157,8 +157,19 @@ class LocalLauncher:
         return job
 
     def _process(self, job_id: str) -> dict:
+        """The job's process.json: {"pid": int > 1, "start_ticks": int | None}; {} when there is none; and
+        {"damaged": why} when it cannot be trusted (such a process is never signalled)."""
         path = self.index.folder(job_id) / "process.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            proc = json.loads(path.read_bytes())
+            pid, ticks = proc["pid"], proc.get("start_ticks")
+            if type(pid) is not int or pid <= 1 or not (ticks is None or type(ticks) is int):
+                raise ValueError(f"pid {pid!r}, start_ticks {ticks!r}")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            return {"damaged": f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
+        return {"pid": pid, "start_ticks": ticks}
 
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):
@@ -209,8 +220,8 @@ class LocalLauncher:
         self._read_status(job)
         exit_file = folder / "exit_code"
         if exit_file.is_file():
-            text = exit_file.read_text().strip()
-            code = int(text) if text.lstrip("-").isdigit() else -1
+            text = exit_file.read_bytes().decode("ascii", "replace").strip()
+            code = int(text) if text.lstrip("-").isdigit() and len(text) < 12 else -1  # damaged: a failure
             job.finished_at.FromDatetime(datetime.fromtimestamp(exit_file.stat().st_mtime, UTC))
             if code == 0:
                 job.state = orchestrator_pb2.JOB_STATE_SUCCEEDED
@@ -218,11 +229,18 @@ class LocalLauncher:
                 job.state = orchestrator_pb2.JOB_STATE_FAILED
                 job.message = f"the trainer exited with code {code}: {self._last_log_line(job_id)}"
             self.index.save(job)
-        elif job.state == orchestrator_pb2.JOB_STATE_RUNNING and not self._ours_alive(self._process(job_id)):
+        elif job.state == orchestrator_pb2.JOB_STATE_RUNNING and not self._ours_alive(
+            proc := self._process(job_id)
+        ):
             time.sleep(POLL_S)  # the wrapper may be writing exit_code right now
             if not exit_file.is_file():
                 job.state = orchestrator_pb2.JOB_STATE_FAILED
                 job.message = "the trainer process ended without an exit code (killed?)"
+                if "damaged" in proc:
+                    job.message = (
+                        f"{proc['damaged']}: the trainer process can no longer be tracked or cancelled"
+                    )
+                    log.warning("job %s: %s", job_id, job.message)
                 stamp(job.finished_at)
                 self.index.save(job)
             else:

@@ -635,6 +635,17 @@ def test_train_kubeconfig_messages(files: Files):
             assert code == 2 and f"--kubeconfig {path}: " in err and needle in err, (name, args, err)
 
 
+def test_a_malformed_kubeconfig_named_by_the_environment(files: Files, monkeypatch: pytest.MonkeyPatch):
+    # $KUBECONFIG (not --kubeconfig, which is checked first) reaches the kubernetes client's own loader
+    f = files.root / "f"
+    for name in ("kube-binary", "kube-bad-yaml", "kube-list", "kube-types", "kube-entries"):
+        monkeypatch.setenv("KUBECONFIG", str(f / name))
+        for args in (["list"], ["status", "abc"]):
+            code, err = _err(["train", *args, "--launcher", "kubernetes"])
+            assert code == 1 and "Traceback" not in err, (name, args, err)
+            assert f"the kubeconfig '{f / name}' is not a valid kubeconfig" in err, (name, args, err)
+
+
 def test_corrupt_state_messages(files: Files):
     stacks = files.root / "f" / "stacks"
     for name in (

@@ -248,7 +248,8 @@ def test_an_owner_that_was_taken_over_stops_writing_the_journal(objects):
     # its next head write finds the entry taken (its record went first, but no head names it) ...
     slow.stage_done(lost, "denoise", {"latents": b"old"}, 0.1, "dn")
     assert not lost.owned
-    slow.stage_done(lost, "decode", {"images": [b"old"]}, 0.1, "vae")  # ... and from then on it writes nothing
+    # ... and from then on it writes nothing
+    slow.stage_done(lost, "decode", {"images": [b"old"]}, 0.1, "vae")
     slow.finish(lost)
     head = json.loads(objects.read(Journal.head_key("req-lost")))
     assert head["owner"] == heir.owner and head["status"] == RUNNING

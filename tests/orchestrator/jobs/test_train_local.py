@@ -5,6 +5,8 @@ exactly that process group."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,3 +167,39 @@ def test_the_real_trainer_rejects_a_bad_spec_before_training(tmp_path: Path, cap
     job = wait_for(job_id, capsys, lambda j: j["state"] != "JOB_STATE_RUNNING", timeout=90)
     assert job["state"] == "JOB_STATE_FAILED", job
     assert job["message"].startswith("the trainer exited with code 2") and "baseModel" in job["message"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("process.json", b"\xff\xfe{"),
+        ("process.json", b'{"pid": 1}'),
+        ("process.json", b'["pid", 7]'),
+        ("process.json", b'{"pid": "7", "start_ticks": 1}'),
+        ("exit_code", b"\xff\xfe"),
+        ("exit_code", b"99999999999999999999"),
+    ],
+)
+def test_a_damaged_process_record_fails_the_job_with_its_path_and_signals_nothing(
+    damage, fake_trainer, tmp_path: Path, capsys, monkeypatch
+):
+    monkeypatch.setenv("FAKE_TRAINER_SLEEP", "30")
+    job_id = submit(write_spec(tmp_path, name="damaged", steps=2), capsys)
+    assert wait_for(job_id, capsys, lambda j: j.get("step"))["state"] == "JOB_STATE_RUNNING"
+    folder = tmp_path / "state" / "jobs" / job_id
+    pid = json.loads((folder / "process.json").read_text())["pid"]
+    name, data = damage
+    try:
+        (folder / name).write_bytes(data)
+        job = status(job_id, capsys)
+        assert job["state"] == "JOB_STATE_FAILED", job
+        if name == "process.json":
+            assert job["message"].startswith(f"{folder / 'process.json'} is damaged"), job
+            assert job["message"].endswith("can no longer be tracked or cancelled"), job
+        else:
+            assert job["message"].startswith("the trainer exited with code -1"), job
+        assert train("cancel", job_id) == 0  # a job already ended: nothing signalled
+        assert capsys.readouterr().out.strip() == f"{job_id} FAILED"
+        assert pid_alive(pid)
+    finally:
+        os.killpg(pid, signal.SIGKILL)  # the test's own trainer, by the pid it recorded
