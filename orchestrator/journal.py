@@ -17,8 +17,9 @@ A submission whose id the journal knows is:
 - failed, or running under an owner whose heartbeat is older than the lease (that orchestrator died): taken
   over; the finished stages are not run again, the others run from the refs those left in the store.
 
-A stage record whose size or sha256 does not match the head is never used: that stage runs again. Values are
-JSON with base64 bytes; nothing is unpickled.
+A stage record whose size or sha256 does not match the head is never used, nor one that names a tensor gone
+from the store (deleted, expired): that stage runs again if a stage still to run needs its outputs (the
+runner). Values are JSON with base64 bytes; nothing is unpickled.
 
 Every write of a head is a compare-and-swap (orchestrator/objects.py): it is created only if absent and
 replaced only if it is still the version its owner last wrote. So of two replicas given the same new id at the
@@ -56,6 +57,7 @@ from protos import orchestrator_pb2
 log = logging.getLogger(__name__)
 VERSION = 1
 RUNNING, DONE, FAILED = "running", "done", "failed"
+TENSOR_REF = "diffmesh.v1.TensorRef"
 
 
 def fingerprint(request: orchestrator_pb2.GenerateRequest) -> str:
@@ -105,6 +107,30 @@ def decode_value(doc: Any) -> Any:
     if "json" in doc:
         return doc["json"]
     raise ValueError(f"not a journal value: {str(doc)[:80]}")
+
+
+def tensor_uris(value: Any) -> list[str]:
+    """The uris of every TensorRef in a stage's outputs (messages, lists and dicts of them)."""
+    if isinstance(value, Message):
+        if value.DESCRIPTOR.full_name == TENSOR_REF:
+            return [value.uri] if value.uri else []
+        uris: list[str] = []
+        for fd, field_value in value.ListFields():
+            if fd.message_type is None:
+                continue
+            if fd.message_type.GetOptions().map_entry:
+                field_value = list(field_value.values())
+            uris += (
+                tensor_uris(field_value)
+                if isinstance(field_value, Message)
+                else tensor_uris(list(field_value))
+            )
+        return uris
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [uri for v in value for uri in tensor_uris(v)]
+    return []
 
 
 @dataclass
@@ -207,8 +233,22 @@ class Journal:
                     "request %s: stage record %s: %s; %s runs again", entry.request_id, where, e, stage
                 )
                 continue
+            gone = [uri for uri in tensor_uris(outputs) if not self._ref_exists(uri, deadline)]
+            if gone:
+                log.warning(
+                    "request %s: %d tensor(s) of stage %s are gone from the store (%s); it runs again if needed",
+                    entry.request_id,
+                    len(gone),
+                    stage,
+                    gone[0],
+                )
+                continue
             out[stage] = outputs
         return out
+
+    def _ref_exists(self, uri: str, deadline: float | None) -> bool:
+        key = self.objects.key_of(uri)
+        return True if key is None else self.objects.exists(key, deadline)  # elsewhere: the stage's check
 
     # -- claiming -----------------------------------------------------------------------------------------
 

@@ -68,6 +68,12 @@ class Objects(Protocol):
 
     def where(self, key: str) -> str: ...  # the object's address, for messages
 
+    def key_of(self, uri: str) -> str | None:
+        """The key of a TensorRef uri in this store; None for a uri elsewhere."""
+        ...
+
+    def exists(self, key: str, deadline: float | None = None) -> bool: ...
+
 
 class DirObjects:
     """Objects as files under `root` (keys are paths below it; nothing escapes it)."""
@@ -82,6 +88,13 @@ class DirObjects:
 
     def where(self, key: str) -> str:
         return str(self._path(key))
+
+    def key_of(self, uri: str) -> str | None:
+        prefix = self.root.resolve().as_uri() + "/"
+        return uri[len(prefix) :] if uri.startswith(prefix) else None
+
+    def exists(self, key: str, deadline: float | None = None) -> bool:
+        return self._path(key).is_file()
 
     def read(self, key: str, deadline: float | None = None) -> bytes | None:
         try:
@@ -178,6 +191,22 @@ class S3Objects:
 
     def where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def key_of(self, uri: str) -> str | None:
+        prefix = f"s3://{self.bucket}/"
+        return uri[len(prefix) :] if uri.startswith(prefix) else None
+
+    def exists(self, key: str, deadline: float | None = None) -> bool:
+        def stat() -> bool:
+            try:
+                self._client.stat_object(self.bucket, key)
+            except S3Error as e:
+                if e.code in _MISSING or e.code in ("NoSuchBucket", "NotFound"):
+                    return False
+                raise
+            return True
+
+        return self._call(f"stat {self.where(key)}", stat, deadline)
 
     def _call(self, what: str, fn: Callable[[], T], deadline: float | None) -> T:
         delay = 0.2

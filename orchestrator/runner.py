@@ -88,13 +88,19 @@ class Runner:
         if ctx.stage_timeout_s is None:
             ctx.stage_timeout_s = self.stage_timeout_s
         state = {k: v for k, v in values.items() if v is not None}
+        # resumed: a stage whose record was lost is run again only if a stage still to run needs its outputs
+        unneeded = _unneeded(order, graph.result, ctx.resumed) - _unneeded(order, graph.result, {})
         for stage in order:
             ctx.check_cancelled(stage.name)
             done = ctx.resumed.get(stage.name)
-            if done is not None and all(o in done for o in stage.outputs):
-                state.update(done)
+            if (done is not None and all(o in done for o in stage.outputs)) or stage.name in unneeded:
+                state.update(done or {})
                 event = _stage_event(stage.name, orchestrator_pb2.StageEvent.RESUMED, "journal")
-                event.stage.message = f"outputs recorded by an earlier run ({ctx.resumed_from})"
+                event.stage.message = (
+                    f"outputs recorded by an earlier run ({ctx.resumed_from})"
+                    if stage.name not in unneeded
+                    else "not run: the stages after it finished in an earlier run"
+                )
                 ctx.emit(event)
                 continue
             client = self.clients.get(stage.service)
@@ -131,6 +137,20 @@ class Runner:
                 ctx.timings.append(_service_timing(stage.name, ctx.reported, endpoint))
             ctx.emit(_stage_event(stage.name, orchestrator_pb2.StageEvent.FINISHED, endpoint, seconds))
         return {k: state[k] for k in graph.result}
+
+
+def _unneeded(order: list, result: tuple[str, ...] | list[str], resumed: Mapping[str, Mapping]) -> set[str]:
+    """The stages whose outputs neither the result nor any stage left to run reads (walked from the end)."""
+    needed, unneeded = set(result), set()
+    for stage in reversed(order):
+        done = resumed.get(stage.name)
+        if done is not None and all(o in done for o in stage.outputs):
+            continue  # its outputs come from the journal
+        if needed.isdisjoint(stage.outputs):
+            unneeded.add(stage.name)
+            continue
+        needed.update(stage.inputs, stage.optional_inputs)
+    return unneeded
 
 
 def _service_timing(

@@ -22,9 +22,9 @@ from services.common.settings import Settings
 KIND = orchestrator_pb2.StageEvent.Kind
 
 
-def engine(store: Path, without: tuple[str, ...] = ()) -> OrchestratorServicer:
+def engine(store: Path, without: tuple[str, ...] = (), **env: str) -> OrchestratorServicer:
     """An orchestrator over in-process stages (`without` some of them) and the journal in `store`."""
-    settings = Settings.from_env({"DIFFMESH_STORE": "local", "DIFFMESH_LOCAL_STORE": str(store)})
+    settings = Settings.from_env({"DIFFMESH_STORE": "local", "DIFFMESH_LOCAL_STORE": str(store), **env})
     clients = {k: v for k, v in in_process_clients(settings).items() if k not in without}
     return OrchestratorServicer(Runner(clients), (), settings.cache_dir, journal=journal_of(settings))
 
@@ -125,3 +125,49 @@ def test_a_bad_request_with_an_id_fails_before_touching_the_journal(flux_dir, tm
         run(engine(store), request(flux_dir[0], "bad-1", width=65))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not (store / "runs" / "bad-1").exists()
+
+
+def test_a_stage_whose_tensors_are_gone_runs_again_only_when_needed(flux_dir, tmp_path: Path):
+    """Every tensor through the store (no inlining); the decode fails, then tensors of the finished stages
+    are deleted (a bucket rule, an operator) before the retry."""
+    store = tmp_path / "store"
+    env = {"DIFFMESH_INLINE_LIMIT_BYTES": "0"}
+    req = request(flux_dir[0], "gone-1", seed=9)
+    with pytest.raises(StageError):
+        engine(store, without=("vae",), **env).generate(req, lambda e: None)
+    runs = store / "runs" / "gone-1"
+    prompt = [p for p in runs.rglob("*") if p.is_file() and "text_encoder" in p.parts]
+    latents = [p for p in runs.rglob("*") if p.is_file() and "denoiser" in p.parts]
+    assert prompt and latents, sorted(p.relative_to(runs) for p in runs.rglob("*") if p.is_file())
+
+    # the prompt embeddings are gone, the latents are not: decode needs only the latents
+    for p in prompt:
+        p.unlink()
+    resumed, events = run(engine(store, **env), req)
+    assert stages(events) == [
+        ("encode_prompt", "RESUMED"),
+        ("denoise", "RESUMED"),
+        ("decode", "STARTED"),
+        ("decode", "FINISHED"),
+    ]
+    (note,) = [e.stage.message for e in events if e.stage.stage == "encode_prompt"]
+    assert note.startswith("not run")
+    undisturbed, _ = run(engine(tmp_path / "other", **env), request(flux_dir[0], "gone-1", seed=9))
+    assert list(resumed.images) == list(undisturbed.images)
+
+    # the latents gone too, from a failed run: denoise runs again, and so the text encoder before it
+    req2 = request(flux_dir[0], "gone-2", seed=9)
+    with pytest.raises(StageError):
+        engine(store, without=("vae",), **env).generate(req2, lambda e: None)
+    for p in (store / "runs" / "gone-2").rglob("*"):
+        if p.is_file() and "denoiser" in p.parts:
+            p.unlink()
+    again, events = run(engine(store, **env), req2)
+    assert stages(events) == [
+        ("encode_prompt", "RESUMED"),
+        ("denoise", "STARTED"),
+        ("denoise", "FINISHED"),
+        ("decode", "STARTED"),
+        ("decode", "FINISHED"),
+    ]
+    assert list(again.images) == list(undisturbed.images)

@@ -283,3 +283,27 @@ def test_a_store_without_conditional_writes_gets_plain_ones(s3_server, monkeypat
     journal.finish(entry)
     assert not objects.conditional and Journal(objects).claim("req-plain", FP).status == DONE
     assert "If-None-Match" in seen[0] and not any(k.startswith("If-") for h in seen[1:] for k in h)
+
+
+def test_a_stage_whose_tensors_are_gone_from_the_store_is_not_resumed(objects):
+    key = "runs/req-refs/denoiser/latents"
+    if isinstance(objects, S3Objects):
+        uri = f"s3://{objects.bucket}/{key}"
+    else:
+        uri = f"{objects.root.resolve().as_uri()}/{key}"
+    assert objects.key_of(uri) == key and objects.key_of("s3://elsewhere/x") is None
+    objects.write(key, b"latents")
+    journal = Journal(objects)
+    entry = journal.claim("req-refs", FP)
+    here = tensor_pb2.Tensor(ref=tensor_pb2.TensorRef(uri=uri, dtype="F32", shape=[1]))
+    away = tensor_pb2.Tensor(ref=tensor_pb2.TensorRef(uri="s3://elsewhere/x", dtype="F32", shape=[1]))
+    journal.stage_done(entry, "denoise", {"latents": here}, 0.1, "dn")
+    journal.stage_done(entry, "encode_prompt", {"embeds": {"t5": away}}, 0.1, "te")  # not ours to check
+    assert set(journal.load_stages(entry)) == {"denoise", "encode_prompt"}
+    assert objects.exists(key)
+    if isinstance(objects, S3Objects):
+        objects._client.remove_object(objects.bucket, key)
+    else:
+        (objects.root / key).unlink()
+    assert not objects.exists(key)
+    assert set(journal.load_stages(entry)) == {"encode_prompt"}
