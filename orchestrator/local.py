@@ -27,9 +27,10 @@ from orchestrator.settings import OrchestratorSettings
 from protos import orchestrator_pb2, orchestrator_pb2_grpc
 from services.audio import server as audio_server
 from services.common.errors import status_code
-from services.common.server import REQUEST_ID_KEY, Binding, Server, TlsFiles, create_server
+from services.common.server import REQUEST_ID_KEY, Binding, Server, create_server
 from services.common.settings import Settings
 from services.common.store import TensorStore, open_store
+from services.common.tls import TlsFiles
 from services.denoiser import server as denoiser_server
 from services.text_encoder import server as text_encoder_server
 from services.vae import server as vae_server

@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +26,7 @@ from services.common import metrics
 from services.common.admission import Admission, AdmissionInterceptor, QueuedEvent
 from services.common.errors import InvalidArgument, status_code
 from services.common.store import check_key_part
+from services.common.tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ class Binding:
     servicer: Any
     # streaming methods' queue-position events while admission control holds them: method name -> factory
     queued_events: dict[str, QueuedEvent] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None  # set: mutual TLS, clients must present a cert signed by it
 
 
 def request_id(context: grpc.ServicerContext) -> str:
@@ -299,11 +292,7 @@ def create_server(
     if tls is None:
         bound = server.add_insecure_port(address)
     else:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
+        creds = ReloadingCredentials(tls).credentials  # a rotated certificate is served without a restart
         bound = server.add_secure_port(address, creds)
     if bound == 0:
         raise OSError(f"cannot bind {address}")

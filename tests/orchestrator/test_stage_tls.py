@@ -21,9 +21,10 @@ from orchestrator.clients import CallOptions, ChannelTls, GrpcVae, grpc_clients,
 from orchestrator.errors import StageError
 from orchestrator.settings import OrchestratorSettings, stage_tls
 from protos import vae_pb2
-from services.common.server import TlsFiles, create_server
+from services.common.server import create_server
 from services.common.settings import Settings
 from services.common.store import LocalTensorStore
+from services.common.tls import TlsFiles
 from services.vae import server as vae_server
 
 TOKEN = "tls-test-token"
@@ -128,6 +129,38 @@ def test_the_orchestrator_calls_stages_over_mutual_tls_from_its_environment(cert
     finally:
         server.stop(0)
 
+
+def test_a_rotated_certificate_is_served_without_a_restart(certs, tmp_path: Path, caplog):
+    """The files are replaced in place (as Kubernetes swaps a renewed Secret); new connections get the new
+    certificate; a rotation whose key does not match its certificate is refused, and the last good one stays."""
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+
+    def install(cert_bytes: bytes, key_bytes: bytes) -> None:
+        for path, data in ((cert, cert_bytes), (key, key_bytes)):
+            path.with_suffix(".new").write_bytes(data)
+            path.with_suffix(".new").replace(path)
+
+    first = certs["server"]
+    install(first.cert_bytes(), first.key_bytes())
+    server, port = vae_server_with(tmp_path, TlsFiles(cert, key))
+    old_ca, new_ca = certs["ca"].pem.read_bytes(), certs["other"].pem.read_bytes()
+    try:
+        assert reached(ChannelTls(old_ca), port) == grpc.StatusCode.INVALID_ARGUMENT
+        renewed = certs["other"].issue("vae-renewed", dns=("localhost",), ips=("127.0.0.1",))
+        install(renewed.cert_bytes(), renewed.key_bytes())
+        assert reached(ChannelTls(new_ca), port) == grpc.StatusCode.INVALID_ARGUMENT
+        assert reached(ChannelTls(old_ca), port) == grpc.StatusCode.UNAVAILABLE  # the old chain is gone
+
+        # a broken rotation: the first certificate with the renewed one's key
+        install(first.cert_bytes(), renewed.key_bytes())
+        assert reached(ChannelTls(new_ca), port) == grpc.StatusCode.INVALID_ARGUMENT  # still the renewed
+        assert reached(ChannelTls(old_ca), port) == grpc.StatusCode.UNAVAILABLE
+        refusals = [r for r in caplog.records if "do not load" in r.getMessage()]
+        assert len(refusals) == 1 and str(cert) in refusals[0].getMessage()  # once, not per handshake
+    finally:
+        server.stop(0)
 
 def test_stage_tls_settings_name_what_is_wrong(certs, tmp_path: Path):
     ca, client = str(certs["ca"].pem), certs["client"]
