@@ -31,12 +31,14 @@ RUN pip install "grpcio-tools>=1.66" \
 
 FROM python:3.11-slim
 # checkov:skip=CKV_DOCKER_2: no HEALTHCHECK; Kubernetes ignores it and probes grpc.health.v1 natively (k8s/)
+# MALLOC_ARENA_MAX=2: glibc's per-thread arenas grew the text encoder by 200 MB under load, 90 MB with 2
 ENV PATH=/opt/diffmesh/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/home/diffmesh \
     DIFFMESH_HOST=0.0.0.0 \
-    DIFFMESH_PORT=50051
+    DIFFMESH_PORT=50051 \
+    MALLOC_ARENA_MAX=2
 RUN groupadd --gid 10001 diffmesh \
     && useradd --uid 10001 --gid 10001 --home-dir /home/diffmesh --create-home --shell /usr/sbin/nologin diffmesh
 COPY --from=build /opt/diffmesh /opt/diffmesh

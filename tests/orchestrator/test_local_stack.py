@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def test_up_down_leaves_nothing_and_refuses_duplicates(tmp_path: Path):
             with grpc.insecure_channel(service["endpoint"]) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            environ = Path(f"/proc/{service['pid']}/environ").read_bytes().split(b"\0")
+            arenas = os.environ.get("MALLOC_ARENA_MAX", "2").encode()  # the stack's default, unless set here
+            assert b"MALLOC_ARENA_MAX=" + arenas in environ
         assert (state_dir / "stack.json").stat().st_mode & 0o077 == 0  # secrets inside: owner-only
 
         second = diffmesh(state_dir, "up")

@@ -162,6 +162,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(certs, tmp_path: Path
     finally:
         server.stop(0)
 
+
 def test_stage_tls_settings_name_what_is_wrong(certs, tmp_path: Path):
     ca, client = str(certs["ca"].pem), certs["client"]
     assert stage_tls({}) is None
