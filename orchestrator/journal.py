@@ -16,6 +16,9 @@ A submission whose id the journal knows is:
 - running under another owner with a fresh heartbeat: it waits for that run (to its deadline), then as above;
 - failed, or running under an owner whose heartbeat is older than the lease (that orchestrator died): taken
   over; the finished stages are not run again, the others run from the refs those left in the store.
+  Heartbeats are wall-clock times, so the orchestrators' clocks must agree to well within the lease (NTP, as
+  on any Kubernetes node); a clock further behind makes its runs look dead early: they are taken over and
+  computed twice, never mixed (see below).
 
 A stage record whose size or sha256 does not match the head is never used, nor one that names a tensor gone
 from the store (deleted, expired): that stage runs again if a stage still to run needs its outputs (the
