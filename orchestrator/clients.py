@@ -7,13 +7,15 @@ a StageError carrying the status code and the endpoint.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from orchestrator.channel_tls import ChannelTls
 from orchestrator.errors import StageError
 from protos import (
     audio_pb2,
@@ -68,22 +70,6 @@ class AudioClient(Protocol):
     ) -> audio_pb2.AudioDecodeResponse: ...
 
 
-@dataclass(frozen=True)
-class ChannelTls:
-    """TLS of a channel: `ca` (PEM) verifies the server's certificate; `cert` + `key` (PEM) are this client's own
-    certificate, for servers that require one (mutual TLS); `server_name` is the name the server's certificate
-    must carry when it is not the endpoint's host (e.g. dialing an address)."""
-
-    ca: bytes
-    cert: bytes | None = None
-    key: bytes | None = field(default=None, repr=False)
-    server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("a TLS client certificate and its key go together")
-
-
 def open_channel(
     endpoint: str, max_message_bytes: int = 64 << 20, tls: ChannelTls | None = None
 ) -> grpc.Channel:
@@ -115,7 +101,11 @@ def _attempt_timeout(deadline: float | None, opts: CallOptions) -> tuple[float |
 
 
 class GrpcStage:
-    """Channel, metadata and retry shared by the stage clients."""
+    """Channel, metadata and retry shared by the stage clients. With TLS read from files (`tls.source`), the
+    next call after the files changed opens a new channel with the new set (orchestrator/channel_tls.py); calls
+    already running finish on the old channel, closed at the following change or at close()."""
+
+    STUB: Callable[[grpc.Channel], Any]
 
     def __init__(
         self,
@@ -133,6 +123,24 @@ class GrpcStage:
         self.channel = channel or open_channel(endpoint, tls=tls)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.tls = tls if channel is None else None  # a channel given is the caller's to manage
+        self._retired: grpc.Channel | None = None
+        self._swap = threading.Lock()
+        self._stub = self.STUB(self.channel)
+
+    @property
+    def stub(self) -> Any:
+        """The service's stub, on a new channel first when the TLS files changed."""
+        source = self.tls.source if self.tls is not None else None
+        if source is not None and source.latest() is not self.tls:
+            with self._swap:
+                latest = source.latest()
+                if latest is not self.tls:
+                    if self._retired is not None:
+                        self._retired.close()
+                    self._retired, self.channel = self.channel, open_channel(self.endpoint, tls=latest)
+                    self.tls, self._stub = latest, self.STUB(self.channel)
+        return self._stub
 
     def metadata(self, opts: CallOptions) -> list[tuple[str, str]]:
         md = [(REQUEST_ID_KEY, opts.request_id)]
@@ -212,57 +220,63 @@ class GrpcStage:
 
     def close(self) -> None:
         self.channel.close()
+        if self._retired is not None:
+            self._retired.close()
 
 
 class GrpcTextEncoder(GrpcStage):
+    STUB = text_encoder_pb2_grpc.TextEncoderStub
+
     def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
         super().__init__("text_encoder", endpoint, token, **kw)
-        self._stub = text_encoder_pb2_grpc.TextEncoderStub(self.channel)
 
     def encode(
         self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
     ) -> text_encoder_pb2.EncodeTextResponse:
-        return self.call(self._stub.Encode, req, opts)
+        return self.call(self.stub.Encode, req, opts)
 
     def encode_image(
         self, req: text_encoder_pb2.EncodeImageRequest, opts: CallOptions
     ) -> text_encoder_pb2.EncodeImageResponse:
-        return self.call(self._stub.EncodeImage, req, opts)
+        return self.call(self.stub.EncodeImage, req, opts)
 
 
 class GrpcDenoiser(GrpcStage):
+    STUB = denoiser_pb2_grpc.DenoiserStub
+
     def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
         super().__init__("denoiser", endpoint, token, **kw)
-        self._stub = denoiser_pb2_grpc.DenoiserStub(self.channel)
 
     def denoise(
         self, req: denoiser_pb2.DenoiseRequest, opts: CallOptions
     ) -> Iterator[denoiser_pb2.DenoiseEvent]:
-        return self.stream(self._stub.Denoise, req, opts)
+        return self.stream(self.stub.Denoise, req, opts)
 
 
 class GrpcVae(GrpcStage):
+    STUB = vae_pb2_grpc.VaeStub
+
     def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
         super().__init__("vae", endpoint, token, **kw)
-        self._stub = vae_pb2_grpc.VaeStub(self.channel)
 
     def encode(self, req: vae_pb2.VaeEncodeRequest, opts: CallOptions) -> vae_pb2.VaeEncodeResponse:
-        return self.call(self._stub.Encode, req, opts)
+        return self.call(self.stub.Encode, req, opts)
 
     def decode(self, req: vae_pb2.VaeDecodeRequest, opts: CallOptions) -> vae_pb2.VaeDecodeResponse:
-        return self.call(self._stub.Decode, req, opts)
+        return self.call(self.stub.Decode, req, opts)
 
 
 class GrpcAudio(GrpcStage):
+    STUB = audio_pb2_grpc.AudioStub
+
     def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
         super().__init__("audio", endpoint, token, **kw)
-        self._stub = audio_pb2_grpc.AudioStub(self.channel)
 
     def encode(self, req: audio_pb2.AudioEncodeRequest, opts: CallOptions) -> audio_pb2.AudioEncodeResponse:
-        return self.call(self._stub.Encode, req, opts)
+        return self.call(self.stub.Encode, req, opts)
 
     def decode(self, req: audio_pb2.AudioDecodeRequest, opts: CallOptions) -> audio_pb2.AudioDecodeResponse:
-        return self.call(self._stub.Decode, req, opts)
+        return self.call(self.stub.Decode, req, opts)
 
 
 GRPC_CLIENTS: dict[str, Callable[..., GrpcStage]] = {

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.clients import ChannelTls
+from orchestrator.channel_tls import ChannelTls, TlsFilePaths, TlsSource, check_pair
 
 STAGES = ("text_encoder", "denoiser", "vae", "audio")
 
@@ -72,7 +73,23 @@ def stage_tls(env: Mapping[str, str]) -> ChannelTls | None:
         return None
     if (cert is None) != (key is None):
         raise ValueError("DIFFMESH_STAGE_TLS_CERT and DIFFMESH_STAGE_TLS_KEY go together")
-    return ChannelTls(ca, cert, key, name)
+    if cert is not None and key is not None:
+        try:
+            check_pair(cert, key)
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(
+                f"DIFFMESH_STAGE_TLS_CERT={env['DIFFMESH_STAGE_TLS_CERT']!r} and DIFFMESH_STAGE_TLS_KEY="
+                f"{env['DIFFMESH_STAGE_TLS_KEY']!r} are not a certificate and its key: {e}"
+            ) from None
+    paths = TlsFilePaths(
+        Path(env["DIFFMESH_STAGE_TLS_CA"]),
+        Path(env["DIFFMESH_STAGE_TLS_CERT"]) if cert is not None else None,
+        Path(env["DIFFMESH_STAGE_TLS_KEY"]) if key is not None else None,
+    )
+    try:
+        return TlsSource(paths, name).current  # read again when the files change (a renewed Secret)
+    except OSError as e:
+        raise ValueError(f"the stage TLS files cannot be read: {e}") from None
 
 
 # Non-secret object-store settings a training pod inherits from the orchestrator's own environment.

@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tls_certs import CertAuthority
 
+from orchestrator import channel_tls
 from orchestrator.clients import CallOptions, ChannelTls, GrpcVae, grpc_clients, open_channel
 from orchestrator.errors import StageError
 from orchestrator.settings import OrchestratorSettings, stage_tls
@@ -163,6 +164,57 @@ def test_a_rotated_certificate_is_served_without_a_restart(certs, tmp_path: Path
         server.stop(0)
 
 
+def test_the_orchestrator_takes_a_renewed_client_certificate_without_a_restart(
+    certs, tmp_path: Path, monkeypatch, caplog
+):
+    """Mutual TLS: the stage admits clients of its CA. The orchestrator's client certificate files are replaced
+    in place; its next call opens a channel with the new set (seen by the stage refusing a foreign one)."""
+    monkeypatch.setattr(channel_tls, "CHECK_EVERY_S", 0.0)  # look at the files at every call
+    server_pem, ca_pem = certs["server"], certs["ca"].pem
+    server, port = vae_server_with(tmp_path, TlsFiles(server_pem.cert, server_pem.key, client_ca=ca_pem))
+    live = tmp_path / "client"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+
+    def install(pem) -> None:
+        for path, data in ((cert, pem.cert_bytes()), (key, pem.key_bytes())):
+            path.with_suffix(".new").write_bytes(data)
+            path.with_suffix(".new").replace(path)
+
+    install(certs["client"])
+    env = {
+        "DIFFMESH_VAE": f"127.0.0.1:{port}",
+        "DIFFMESH_STAGE_TLS_CA": str(ca_pem),
+        "DIFFMESH_STAGE_TLS_CERT": str(cert),
+        "DIFFMESH_STAGE_TLS_KEY": str(key),
+    }
+    orch = OrchestratorSettings.from_env(env)
+    vae = grpc_clients(orch.endpoints, TOKEN, 0, orch.stage_tls)["vae"]
+
+    def code() -> grpc.StatusCode:
+        with pytest.raises(StageError) as err:
+            vae.decode(vae_pb2.VaeDecodeRequest(), OPTS)
+        return err.value.code
+
+    try:
+        assert code() == grpc.StatusCode.INVALID_ARGUMENT  # through
+        install(certs["stranger"])  # a certificate of another CA: the stage refuses the new channel
+        assert code() == grpc.StatusCode.UNAVAILABLE
+        install(certs["ca"].issue("orchestrator-renewed", client=True))
+        assert code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert orch.stage_tls.source.reloads == 2
+
+        # a half-done rotation (the renewed certificate, the stranger's key) is refused; the last set stays
+        key.write_bytes(certs["stranger"].key_bytes())
+        assert code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert orch.stage_tls.source.reloads == 2
+        assert len([r for r in caplog.records if "do not load" in r.getMessage()]) == 1
+    finally:
+        vae.close()
+        server.stop(0)
+
+
 def test_stage_tls_settings_name_what_is_wrong(certs, tmp_path: Path):
     ca, client = str(certs["ca"].pem), certs["client"]
     assert stage_tls({}) is None
@@ -176,6 +228,14 @@ def test_stage_tls_settings_name_what_is_wrong(certs, tmp_path: Path):
                 "DIFFMESH_STAGE_TLS_CA": ca,
                 "DIFFMESH_STAGE_TLS_CERT": str(client.cert),
                 "DIFFMESH_STAGE_TLS_KEY": "/no/such.key",
+            }
+        )
+    with pytest.raises(ValueError, match="are not a certificate and its key"):
+        stage_tls(
+            {
+                "DIFFMESH_STAGE_TLS_CA": ca,
+                "DIFFMESH_STAGE_TLS_CERT": str(client.cert),
+                "DIFFMESH_STAGE_TLS_KEY": str(certs["stranger"].key),
             }
         )
 
