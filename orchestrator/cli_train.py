@@ -116,25 +116,12 @@ def _settings(args: argparse.Namespace, env: Mapping[str, str]):
 
 
 def _check_kubeconfig(path: str) -> None:
-    """--kubeconfig: a file of the shape the kubernetes client reads (on others it fails with a TypeError)."""
-    import yaml
+    """--kubeconfig: a file of the shape the kubernetes client reads (the same check as the launcher's)."""
+    from orchestrator.jobs.kubernetes import kubeconfig_problem
 
-    if not Path(path).is_file():
-        raise CommandError(f"--kubeconfig {path}: no such file")
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except UnicodeDecodeError:
-        raise CommandError(f"--kubeconfig {path}: not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        raise CommandError(f"--kubeconfig {path}: not YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise CommandError(f"--kubeconfig {path}: not a kubeconfig (a YAML mapping)")
-    for key, inner in (("clusters", "cluster"), ("contexts", "context"), ("users", "user")):
-        entries = data.get(key) or []
-        if not isinstance(entries, list) or not all(
-            isinstance(e, dict) and isinstance(e.get(inner) or {}, dict) for e in entries
-        ):
-            raise CommandError(f"--kubeconfig {path}: {key!r} is not a list of {{name, {inner}}} entries")
+    problem = kubeconfig_problem(path)
+    if problem:
+        raise CommandError(f"--kubeconfig {path}: {problem}")
 
 
 def open_jobs(args: argparse.Namespace, env: Mapping[str, str]):

@@ -59,32 +59,62 @@ def in_cluster(env: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("KUBERNETES_SERVICE_HOST")) and IN_CLUSTER_NAMESPACE.is_file()
 
 
+def kubeconfig_problem(path: str | os.PathLike) -> str | None:
+    """What makes `path` not a kubeconfig the kubernetes client can read (it fails on other shapes with a
+    TypeError or KeyError, on binary with a decode error), or None."""
+    try:
+        data = yaml.safe_load(Path(path).read_bytes().decode())
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "no such file (a directory)"
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    except yaml.YAMLError as e:
+        return f"not YAML: {' '.join(str(e).split())}"
+    if not isinstance(data, dict):
+        return "not a kubeconfig (a YAML mapping)"
+    for key, inner in (("clusters", "cluster"), ("contexts", "context"), ("users", "user")):
+        entries = data.get(key) or []
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get(inner) or {}, dict) for e in entries
+        ):
+            return f"{key!r} is not a list of {{name, {inner}}} entries"
+    return None
+
+
+def _kubeconfig_files(settings: JobSettings) -> list[str]:
+    """The kubeconfig files the client reads: the one named, else those of $KUBECONFIG that exist."""
+    if settings.kubeconfig:
+        return [settings.kubeconfig]
+    listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    return [p for p in listed if Path(p).exists()] or [str(Path("~/.kube/config").expanduser())]
+
+
 def load_api_client(settings: JobSettings) -> client.ApiClient:
     """In-cluster config in a pod (unless a kubeconfig is named), else the kubeconfig (KUBECONFIG, ~/.kube)."""
     cfg = client.Configuration()
+    files = _kubeconfig_files(settings)
     try:
         if not settings.kubeconfig and in_cluster():
             config.load_incluster_config(client_configuration=cfg)
         else:
+            for path in files:
+                problem = kubeconfig_problem(path) if Path(path).exists() else None
+                if problem:
+                    raise StageError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the kubeconfig {path!r} is not a valid kubeconfig: {problem}",
+                    )
             config.load_kube_config(config_file=settings.kubeconfig or None, client_configuration=cfg)
     except (config.ConfigException, OSError) as e:
         raise StageError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"no Kubernetes configuration (in-cluster or {_kubeconfig_path(settings)}): {e}",
-        ) from None
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError) as e:
-        # the client reads a file of the wrong shape with a TypeError / KeyError, and binary with a decode error
-        raise StageError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"the kubeconfig {_kubeconfig_path(settings)} is not a valid kubeconfig: "
-            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+            f"no Kubernetes configuration (in-cluster or {', '.join(files)}): {e}",
         ) from None
     return client.ApiClient(cfg)
-
-
-def _kubeconfig_path(settings: JobSettings) -> str:
-    """The kubeconfig the client reads: the one named, else $KUBECONFIG, else ~/.kube/config."""
-    return repr(settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
 
 
 def default_namespace(settings: JobSettings) -> str:
