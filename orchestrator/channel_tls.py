@@ -75,15 +75,19 @@ class TlsSource:
         self._stamp = self._stat()
         self._refused: tuple | None = None
         self._checked = time.monotonic()
-        self.current = self._read()
+        self.current = self._read()  # OSError, or ssl.SSLError / ValueError for a set that does not load
 
     def _stat(self) -> tuple:
         return tuple((s.st_mtime_ns, s.st_size) for s in (os.stat(p) for p in self.paths.all()))
 
     def _read(self) -> ChannelTls:
+        """The files as a ChannelTls, once the CA parses and the key is the certificate's."""
         ca = self.paths.ca.read_bytes()
         cert = self.paths.cert.read_bytes() if self.paths.cert is not None else None
         key = self.paths.key.read_bytes() if self.paths.key is not None else None
+        if cert is not None and key is not None:
+            check_pair(cert, key)
+        check_ca(ca)
         return ChannelTls(ca, cert, key, self.server_name, source=self)
 
     def latest(self) -> ChannelTls:
@@ -101,9 +105,6 @@ class TlsSource:
                 return self.current
             try:
                 new = self._read()
-                if new.cert is not None and new.key is not None:
-                    check_pair(new.cert, new.key)
-                check_ca(new.ca)
             except (OSError, ssl.SSLError, ValueError) as e:
                 if stamp != self._refused:
                     log.warning(

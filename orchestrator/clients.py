@@ -105,11 +105,11 @@ class GrpcStage:
     next call after the files changed opens a new channel with the new set (orchestrator/channel_tls.py); calls
     already running finish on the old channel, closed at the following change or at close()."""
 
+    STAGE: str
     STUB: Callable[[grpc.Channel], Any]
 
     def __init__(
         self,
-        stage: str,
         endpoint: str,
         token: str | None,
         channel: grpc.Channel | None = None,
@@ -117,7 +117,7 @@ class GrpcStage:
         backoff_s: float = 0.25,
         tls: ChannelTls | None = None,
     ) -> None:
-        self.stage = stage
+        self.stage = self.STAGE
         self.endpoint = endpoint
         self.token = token
         self.channel = channel or open_channel(endpoint, tls=tls)
@@ -225,10 +225,8 @@ class GrpcStage:
 
 
 class GrpcTextEncoder(GrpcStage):
+    STAGE = "text_encoder"
     STUB = text_encoder_pb2_grpc.TextEncoderStub
-
-    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
-        super().__init__("text_encoder", endpoint, token, **kw)
 
     def encode(
         self, req: text_encoder_pb2.EncodeTextRequest, opts: CallOptions
@@ -242,10 +240,8 @@ class GrpcTextEncoder(GrpcStage):
 
 
 class GrpcDenoiser(GrpcStage):
+    STAGE = "denoiser"
     STUB = denoiser_pb2_grpc.DenoiserStub
-
-    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
-        super().__init__("denoiser", endpoint, token, **kw)
 
     def denoise(
         self, req: denoiser_pb2.DenoiseRequest, opts: CallOptions
@@ -254,10 +250,8 @@ class GrpcDenoiser(GrpcStage):
 
 
 class GrpcVae(GrpcStage):
+    STAGE = "vae"
     STUB = vae_pb2_grpc.VaeStub
-
-    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
-        super().__init__("vae", endpoint, token, **kw)
 
     def encode(self, req: vae_pb2.VaeEncodeRequest, opts: CallOptions) -> vae_pb2.VaeEncodeResponse:
         return self.call(self.stub.Encode, req, opts)
@@ -267,10 +261,8 @@ class GrpcVae(GrpcStage):
 
 
 class GrpcAudio(GrpcStage):
+    STAGE = "audio"
     STUB = audio_pb2_grpc.AudioStub
-
-    def __init__(self, endpoint: str, token: str | None, **kw: Any) -> None:
-        super().__init__("audio", endpoint, token, **kw)
 
     def encode(self, req: audio_pb2.AudioEncodeRequest, opts: CallOptions) -> audio_pb2.AudioEncodeResponse:
         return self.call(self.stub.Encode, req, opts)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.channel_tls import ChannelTls, TlsFilePaths, TlsSource, check_pair
+from orchestrator.channel_tls import ChannelTls, TlsFilePaths, TlsSource
 
 STAGES = ("text_encoder", "denoiser", "vae", "audio")
 
@@ -48,48 +48,34 @@ class OrchestratorSettings:
         )
 
 
-def _read_file(env: Mapping[str, str], name: str) -> bytes | None:
-    path = env.get(name, "")
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{name}={path!r} cannot be read: {e.strerror or e}") from None
-
-
 def stage_tls(env: Mapping[str, str]) -> ChannelTls | None:
     """TLS to the stage services: DIFFMESH_STAGE_TLS_CA (PEM file) verifies their certificates;
     DIFFMESH_STAGE_TLS_CERT + _KEY (PEM files) are the orchestrator's client certificate, for stages that
     require one (mutual TLS); DIFFMESH_STAGE_TLS_SERVER_NAME, the name their certificates carry when it is not
-    the endpoint's host. None (plaintext) without a CA; ValueError names a variable set wrong."""
-    ca = _read_file(env, "DIFFMESH_STAGE_TLS_CA")
-    cert = _read_file(env, "DIFFMESH_STAGE_TLS_CERT")
-    key = _read_file(env, "DIFFMESH_STAGE_TLS_KEY")
-    name = env.get("DIFFMESH_STAGE_TLS_SERVER_NAME") or None
+    the endpoint's host. The files are read again when they change (orchestrator/channel_tls.py). None
+    (plaintext) without a CA; ValueError names a variable set wrong."""
+    names = ("DIFFMESH_STAGE_TLS_CA", "DIFFMESH_STAGE_TLS_CERT", "DIFFMESH_STAGE_TLS_KEY")
+    ca, cert, key = (Path(env[n]) if env.get(n) else None for n in names)
+    server_name = env.get("DIFFMESH_STAGE_TLS_SERVER_NAME") or None
     if ca is None:
-        if cert is not None or key is not None or name:
+        if cert is not None or key is not None or server_name:
             raise ValueError("DIFFMESH_STAGE_TLS_CERT, _KEY and _SERVER_NAME need DIFFMESH_STAGE_TLS_CA")
         return None
     if (cert is None) != (key is None):
         raise ValueError("DIFFMESH_STAGE_TLS_CERT and DIFFMESH_STAGE_TLS_KEY go together")
-    if cert is not None and key is not None:
-        try:
-            check_pair(cert, key)
-        except (ssl.SSLError, ValueError) as e:
-            raise ValueError(
-                f"DIFFMESH_STAGE_TLS_CERT={env['DIFFMESH_STAGE_TLS_CERT']!r} and DIFFMESH_STAGE_TLS_KEY="
-                f"{env['DIFFMESH_STAGE_TLS_KEY']!r} are not a certificate and its key: {e}"
-            ) from None
-    paths = TlsFilePaths(
-        Path(env["DIFFMESH_STAGE_TLS_CA"]),
-        Path(env["DIFFMESH_STAGE_TLS_CERT"]) if cert is not None else None,
-        Path(env["DIFFMESH_STAGE_TLS_KEY"]) if key is not None else None,
-    )
+    paths = TlsFilePaths(ca, cert, key)
     try:
-        return TlsSource(paths, name).current  # read again when the files change (a renewed Secret)
+        return TlsSource(paths, server_name).current
+    except (ssl.SSLError, ValueError) as e:  # ssl.SSLError is an OSError: first
+        raise ValueError(
+            f"DIFFMESH_STAGE_TLS_CA={str(ca)!r}, _CERT={str(cert)!r}, _KEY={str(key)!r}: the CA does not "
+            f"parse, or the key is not the certificate's: {e}"
+        ) from None
     except OSError as e:
-        raise ValueError(f"the stage TLS files cannot be read: {e}") from None
+        name = next(
+            (n for n, p in zip(names, (ca, cert, key), strict=True) if str(p) == e.filename), names[0]
+        )
+        raise ValueError(f"{name}={e.filename!r} cannot be read: {e.strerror or e}") from None
 
 
 # Non-secret object-store settings a training pod inherits from the orchestrator's own environment.

@@ -230,7 +230,7 @@ def test_stage_tls_settings_name_what_is_wrong(certs, tmp_path: Path):
                 "DIFFMESH_STAGE_TLS_KEY": "/no/such.key",
             }
         )
-    with pytest.raises(ValueError, match="are not a certificate and its key"):
+    with pytest.raises(ValueError, match="the key is not the certificate's"):
         stage_tls(
             {
                 "DIFFMESH_STAGE_TLS_CA": ca,
