@@ -58,7 +58,6 @@ class ReloadingCredentials:
 
     def __init__(self, tls: TlsFiles) -> None:
         self.tls = tls
-        self.reloads = 0  # sets taken after the first
         self._lock = threading.Lock()
         self._stamp = _stamp(tls)
         self._refused: tuple[tuple[int, int], ...] | None = None
@@ -88,6 +87,5 @@ class ReloadingCredentials:
                 )
                 return None
             self._stamp, self._refused = stamp, None
-            self.reloads += 1
             log.info("TLS: certificate %s reloaded", self.tls.cert)
             return config
